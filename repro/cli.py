@@ -1,0 +1,151 @@
+"""`repro` command line. User mistakes end in one line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for (bad option, unknown model, ...)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _console() -> Console:
+    # Piped output (CI logs, `| less`) gets a wide table instead of rich's 80-column default.
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+# ---------------------------------------------------------------------------------------------- models
+def cmd_models(args) -> int:
+    from repro.metrics.flops import COUNTING_TOOL, preset_rows
+
+    rows = preset_rows(args.names or None, args.resolution)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title=f"Model presets at {args.resolution}x{args.resolution} px "
+                        f"(latent {args.resolution // 8}x{args.resolution // 8}), batch-1 GMACs (papers' 'GFLOPs')")
+    table.add_column("model", no_wrap=True)
+    for col in ("family", "params", "GMACs", "paper", "Δ %", "Winograd", "paper Wino."):
+        table.add_column(col, justify="left" if col == "family" else "right")
+    for r in rows:
+        table.add_row(r["model"], r["family"], _fmt(r["params"]), _fmt(r["gmacs"]), _fmt(r["paper_gmacs"], 2),
+                      _fmt(r["gmacs_delta_pct"], 2), _fmt(r["winograd_gmacs"]), _fmt(r["paper_winograd_gmacs"], 1))
+    console = _console()
+    console.print(table)
+    console.print(f"counted with {COUNTING_TOOL}; paper values and sources: `repro models --json`")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- bench
+def cmd_bench(args) -> int:
+    import torch
+
+    from repro import models
+    from repro.metrics.throughput import DTYPES, BenchSettings, measure
+    from repro.rundir import atomic_write_text
+
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    if not names:
+        raise UsageError("--models: give at least one model name")
+    if len(set(names)) != len(names):
+        raise UsageError(f"--models: a model is named twice: {args.models}")
+    for n in names:
+        models.family(n)  # unknown names fail before any model is built
+    settings = BenchSettings(batch=args.batch, resolution=args.resolution, device=args.device, dtype=args.dtype,
+                             flags=args.flags, attention=args.attention, warmup=args.warmup, iters=args.iters,
+                             repeats=args.repeats)
+    if settings.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available on this machine")
+    built = {}
+    for n in names:
+        torch.manual_seed(0)
+        built[n] = models.build(n, input_size=settings.latent_size).to(settings.device, DTYPES[settings.dtype])
+    report = measure(built, settings)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        atomic_write_text(args.out, text + "\n")
+    if args.json:
+        print(text)
+        return 0
+    p, env = report["protocol"], report["protocol"]["environment"]
+    where = env.get("gpu") or f"{env.get('cpu')} ({env.get('cpu_count')} cores, {env.get('threads')} threads)"
+    table = Table(title=f"Denoiser throughput: {p['resolution']} px, batch {p['batch']}, {p['dtype']}, "
+                        f"{p['device']}")
+    for col in ("model", "img/s (median)", "repeats", "ratio to " + names[0]):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in report["results"]:
+        table.add_row(r["model"], f"{r['img_per_s']:.3f}", " ".join(f"{v:.3f}" for v in r["img_per_s_repeats"]),
+                      f"{r['ratio_to_first']:.3f}x")
+    console = _console()
+    console.print(table)
+    f = p["flags"]
+    onoff = {True: "on", False: "off"}
+    console.print(f"device: {where}; torch {env['torch']}; flags {f['profile']} (matmul TF32 {onoff[f['matmul_tf32']]}, "
+                  f"cuDNN TF32 {onoff[f['cudnn_tf32']]}, cudnn.benchmark {onoff[f['cudnn_benchmark']]}); "
+                  f"attention: {p['attention']}; warm-up {p['warmup']}, {p['iters']} timed forwards x "
+                  f"{p['repeats']} repeats, interleaved")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="repro", description="Reproduce the DiC and DiCo tables against DiT.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("models", help="parameter and GMAC counts of every preset beside the papers' values")
+    p.add_argument("names", nargs="*", help="presets to count (default: all)")
+    p.add_argument("--resolution", type=int, default=256, choices=(256, 512), help="image side in pixels")
+    p.add_argument("--json", action="store_true", help="print JSON rows")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("bench", help="forward throughput of models, interleaved in one run")
+    p.add_argument("--models", required=True, help="comma-separated presets; ratios are to the first")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--resolution", type=int, default=256, choices=(256, 512))
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--flags", default="strict_fp32", choices=("strict_fp32", "torch_default"),
+                   help="TF32 profile: strict_fp32 = matmul and cuDNN TF32 off")
+    p.add_argument("--attention", default="fused", choices=("fused", "math"),
+                   help="SDPA default dispatch, or the math kernel (DiCo Tables 4-5 convention)")
+    p.add_argument("--warmup", type=int, default=20, help="untimed forwards per model")
+    p.add_argument("--iters", type=int, default=20, help="timed forwards per model and repeat")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the median is reported")
+    p.add_argument("--json", action="store_true", help="print the JSON report")
+    p.add_argument("--out", help="also write the JSON report to this file (atomically)")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except (UsageError, ValueError) as e:
+        print(f"repro: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Model registry: every preset of every family by name, built with `build(name, **overrides)`.
+
+Presets are keyword dicts, so `build("DiC-XL", act="silu")` is `DiC(**{**PRESETS["DiC-XL"], "act": "silu"})`:
+an override can never be swallowed, and an unknown switch or value is an error that lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from repro.errors import did_you_mean
+
+from . import dic, dico, dit, uvit
+from .layers import Denoiser
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    cls: type[Denoiser]
+    presets: dict[str, dict]
+    published: dict[str, dict]
+
+
+FAMILIES = {
+    "DiT": Family("DiT", dit.DiT, dit.PRESETS, dit.PUBLISHED),
+    "DiC": Family("DiC", dic.DiC, dic.PRESETS, dic.PUBLISHED),
+    "DiCo": Family("DiCo", dico.DiCo, dico.PRESETS, dico.PUBLISHED),
+    "U-ViT": Family("U-ViT", uvit.UViT, uvit.PRESETS, uvit.PUBLISHED),
+}
+
+PRESETS: dict[str, dict] = {}
+_FAMILY_OF: dict[str, Family] = {}
+for _family in FAMILIES.values():
+    for _name, _kw in _family.presets.items():
+        assert _name not in PRESETS, f"duplicate preset name {_name}"
+        PRESETS[_name] = _kw
+        _FAMILY_OF[_name] = _family
+
+
+def family(name: str) -> Family:
+    """The family a preset belongs to; ValueError naming the valid presets if there is none."""
+    if name not in _FAMILY_OF:
+        raise ValueError(f"unknown model {name!r}{did_you_mean(name, PRESETS)}; valid models: {', '.join(PRESETS)}")
+    return _FAMILY_OF[name]
+
+
+def switches(name: str) -> list[str]:
+    """Keyword arguments a preset accepts as overrides."""
+    return [p for p in inspect.signature(family(name).cls).parameters]
+
+
+def build(name: str, **overrides) -> nn.Module:
+    """Build preset `name` with keyword overrides; unknown names, switches and values raise ValueError."""
+    fam = family(name)
+    valid = switches(name)
+    for key in overrides:
+        if key not in valid:
+            raise ValueError(f"{name}: unknown switch {key!r}{did_you_mean(key, valid)}; "
+                             f"valid switches: {', '.join(valid)}")
+    return fam.cls(**{**fam.presets[name], **overrides})
+
+
+def published(name: str) -> dict:
+    """The counts the papers print for a preset (empty when they print none)."""
+    return dict(family(name).published.get(name, {}))
+
+
+__all__ = ["FAMILIES", "PRESETS", "Denoiser", "build", "family", "published", "switches"]

@@ -1,0 +1,47 @@
+"""Tiny versions of the presets: the same classes and switches at widths and depths a CPU runs in milliseconds."""
+
+import pytest
+import torch
+
+from repro import models
+
+
+def tiny_overrides(name: str) -> dict:
+    """Overrides that shrink a preset while keeping its switches (arch, skip stride, attention, ...)."""
+    fam = models.family(name).name
+    kw = models.PRESETS[name]
+    if fam == "DiT":
+        return dict(hidden_size=32, depth=4, num_heads=2, long_skips=min(kw.get("long_skips", 0), 2))
+    if fam == "U-ViT":
+        return dict(embed_dim=32, depth=2, num_heads=2)
+    if fam == "DiC":
+        arch = kw.get("arch", "hourglass")
+        depths = {"hourglass": (4, 4, 1, 4, 4), "isotropic": (3,), "isotropic_skip": (4,)}[arch]
+        return dict(width=16, depths=depths)
+    if fam == "DiCo":
+        arch = kw.get("arch", "unet")
+        if arch == "unet":
+            return dict(width=16, depths=(2, 1, 1, 1, 2), attn_head_dim=8)
+        return dict(width=32, depths=(4,), attn_head_dim=8, **({"long_skips": 2} if arch == "isotropic_skip" else {}))
+    raise AssertionError(fam)
+
+
+def tiny(name: str, **overrides) -> torch.nn.Module:
+    """A tiny version of preset `name` for 16x16 inputs (override input_size for others)."""
+    torch.manual_seed(0)
+    return models.build(name, **{"input_size": 16, **tiny_overrides(name), **overrides})
+
+
+def randomize_(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
+    """Give every parameter random values, so zero-initialised layers stop hiding the conditioning."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
