@@ -101,8 +101,9 @@ def cmd_bench(args) -> int:
     console.print(table)
     f = p["flags"]
     onoff = {True: "on", False: "off"}
-    console.print(f"device: {where}; torch {env['torch']}; flags {f['profile']} (matmul TF32 {onoff[f['matmul_tf32']]}, "
-                  f"cuDNN TF32 {onoff[f['cudnn_tf32']]}, cudnn.benchmark {onoff[f['cudnn_benchmark']]}); "
+    console.print(f"device: {where}; torch {env['torch']}; flags {f['profile']} "
+                  f"(matmul TF32 {onoff[f['matmul_tf32']]}, cuDNN TF32 {onoff[f['cudnn_tf32']]}, "
+                  f"cudnn.benchmark {onoff[f['cudnn_benchmark']]}); "
                   f"attention: {p['attention']}; warm-up {p['warmup']}, {p['iters']} timed forwards x "
                   f"{p['repeats']} repeats, interleaved")
     return 0

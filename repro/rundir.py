@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` through a temp file in the same folder and a rename: readers see old or new, never half."""
+    """Write `text` to `path` via a temp file in the same folder and a rename: readers see old or new, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

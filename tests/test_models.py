@@ -148,7 +148,7 @@ def test_dic_isotropic_archs():
 
 def test_dic_roadmap_is_cumulative():
     steps = [models.PRESETS[f"DiC-XL-step{i}"] for i in range(1, 9)]
-    changes = [{k for k in set(a) | set(b) if a.get(k) != b.get(k)} for a, b in zip(steps, steps[1:])]
+    changes = [{k for k in set(a) | set(b) if a.get(k) != b.get(k)} for a, b in zip(steps, steps[1:], strict=False)]
     assert changes == [{"arch", "depths"}, {"arch", "depths", "skip_stride"}, {"depths", "skip_stride"},
                        {"cond_embed"}, {"inject"}, {"gate"}, {"act"}]
     assert models.PRESETS["DiC-XL-step8"] == {**models.PRESETS["DiC-XL"]}
@@ -310,3 +310,13 @@ def test_overrides_are_never_swallowed_and_presets_never_mutated():
     assert all(isinstance(b.act, nn.SiLU) for b in _dic_blocks(m))
     assert m.stem.out_channels == 192
     assert models.PRESETS == before
+
+
+@pytest.mark.parametrize("name", ["DiT-S/2", "DiC-S", "DiCo-S", "DiCo-S-attn", "U-ViT-H/2"])
+def test_bf16_weights_forward(name):
+    # `repro bench --dtype bf16` casts the whole model; the fp32 timestep sinusoid must follow it.
+    model = tiny(name).to(torch.bfloat16).eval()
+    x = torch.randn(2, 4, 16, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = model(x, torch.tensor([1, 999]), torch.tensor([0, 5]))
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 8, 16, 16)

@@ -13,6 +13,10 @@ What the paper does not give, and what we assume (`specs/dic.md` section 6, "Pro
   condition Linear; the only simple choice consistent with the reported +14M (~2%) for stage-specific embeddings.
   Isotropic models have one width W and share at W. `shared_embed_width` overrides it.
 - Block-start injection (steps 1-5) is [C]'s `blockconfig=1`: modulate the first GroupNorm, no modulation after.
+
+Counting note: [C]'s gate-free blocks still multiply by a constant gate of 1, which torchprofile counts as one
+MAC per output element. We skip that no-op, so steps 1-6 count 0.008-0.017 G below the spec's counts of [C]
+(step 1: 115.617 vs 115.633); the gated steps 7-8 and DiC-S/B/XL/H match to the last printed digit.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .layers import (ChannelLayerNorm, Denoiser, GroupNorm, LabelEmbedder, TimestepEmbedder, check_choice,
-                     check_input_size, drop_labels, gated, modulate, xavier_flat_, xavier_init_, zero_)
+from .layers import (ConvFinalLayer, Denoiser, GroupNorm, LabelEmbedder, TimestepEmbedder, check_choice,
+                     check_input_size, drop_labels, gated, modulate, run_with_long_skips, xavier_flat_, xavier_init_,
+                     zero_)
 
 ARCHS = ("isotropic", "isotropic_skip", "hourglass")
 COND_EMBEDS = ("shared", "stage")
@@ -67,20 +72,6 @@ class DiCBlock(nn.Module):
             h = self.act(self.norm1(h))
         h = self.conv1(h)
         return (gated(g, h) if self.gate else h) + r
-
-
-class FinalLayer(nn.Module):
-    """Channel LayerNorm (no affine) -> x * (1 + scale) + shift from SiLU(c) (shift first) -> 3x3 conv to 2C."""
-
-    def __init__(self, channels: int, cond_dim: int, out_channels: int):
-        super().__init__()
-        self.norm = ChannelLayerNorm(channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * channels))
-        self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.conv(modulate(self.norm(x), shift, scale))
 
 
 class DiC(Denoiser):
@@ -178,7 +169,7 @@ class DiC(Denoiser):
             n_skips = n // 2 if arch == "isotropic_skip" else 0
             self.skip_fuse = nn.ModuleList([nn.Conv2d(2 * width, width, 1) for _ in range(n_skips)])
         self.head = nn.Conv2d(width, width, 3, padding=1)
-        self.final_layer = FinalLayer(width, embed_widths[self.cond_index[0]], self.out_channels)
+        self.final_layer = ConvFinalLayer(width, embed_widths[self.cond_index[0]], self.out_channels)
         self.initialize_weights(block_zero_init)
 
     def initialize_weights(self, block_zero_init: bool) -> None:
@@ -204,13 +195,13 @@ class DiC(Denoiser):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # The label is dropped once and the same dropped labels feed every level's table ([C]).
         y = drop_labels(y, self.num_classes, self.class_dropout_prob, self.training)
-        conds = [te(t) + ye(y) for te, ye in zip(self.t_embedders, self.y_embedders)]
+        conds = [te(t) + ye(y) for te, ye in zip(self.t_embedders, self.y_embedders, strict=True)]
         c = [conds[i] for i in self.cond_index]                              # per level: (N, C_level)
         x = self.stem(x)                                                     # (N, C, H, W)
         if self.arch == "hourglass":
             x = self._hourglass(x, c)
         else:
-            x = self._isotropic(x, c[0])
+            x = run_with_long_skips(self.blocks, self.skip_fuse, x, c[0], cat_dim=1)
         return self.final_layer(self.head(x), c[0])                          # (N, 2*in, H, W)
 
     def _hourglass(self, x: torch.Tensor, c: list[torch.Tensor]) -> torch.Tensor:
@@ -232,17 +223,6 @@ class DiC(Denoiser):
                 x = blk(x, c[level])
         assert not skips, "every saved skip must be consumed"
         return x
-
-    def _isotropic(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        n, k, skips = len(self.blocks), len(self.skip_fuse), []
-        for i, blk in enumerate(self.blocks):
-            if i >= n - k:
-                x = self.skip_fuse[i - (n - k)](torch.cat([x, skips.pop()], dim=1))
-            x = blk(x, c)
-            if i < k:
-                skips.append(x)
-        return x
-
 
 _DIC = dict(arch="hourglass", skip_stride=3, cond_embed="stage", inject="mid", gate=True, act="gelu")
 PRESETS = {

@@ -8,7 +8,11 @@ What the paper leaves open, and what we assume (`specs/dico.md` section 6):
   33.7M / 5.67: the parameters match, the GMACs fall 0.73 G short, so part of the paper's layout is unknown).
   "iso.+skip" adds 5 U-ViT-style long skips (blocks 0-4 push, the last 5 pop, concat + 1x1 fuse).
 - Rows marked ‡ in Table 5 swap a component and re-adjust depth to the printed parameter count; the adjustment
-  is not given. We keep DiCo-S and change stage depths (see `_matched`), recording the achieved counts.
+  is not given. We keep DiCo-S and change stage depths (PRESETS below) to land near the printed parameters;
+  the GMACs then differ from the printed ones, so the paper's adjustment must have been another:
+    w/o CCA  depths [6,5,4,5,4]: 33.00M, 4.55 G (printed 33.0M, 4.24)
+    SE       depths [5,5,4,4,4]: 33.01M, 4.35 G (printed 32.9M, 4.25)
+    self-attention [4,3,4,3,4]: 32.93M, 8.37 G with the attention matmuls, 4.93 G without (printed 33.0M, 4.23).
 - SE (CCA -> SE module): two 1x1 convs with ReLU between, reduction 4 (not given in the paper).
 - "Conv Module -> self-attention" (= "DiT (U-shape)" of Table 4): multi-head self-attention over the pixels of
   each stage, head dim 64, no position embedding (the conv stem and resampling convs remain).
@@ -20,9 +24,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .layers import (Attention, ChannelLayerNorm, Denoiser, LabelEmbedder, TimestepEmbedder, TokenFinalLayer,
-                     check_choice, check_input_size, drop_labels, gated, modulate, unpatchify, xavier_flat_,
-                     xavier_init_, zero_)
+from .layers import (Attention, ChannelLayerNorm, ConvFinalLayer, Denoiser, LabelEmbedder, TimestepEmbedder,
+                     TokenFinalLayer, check_choice, check_input_size, drop_labels, gated, modulate,
+                     run_with_long_skips, unpatchify, xavier_flat_, xavier_init_, zero_)
 
 ARCHS = ("isotropic", "isotropic_skip", "unet")
 CHANNEL_ATTENTIONS = ("cca", "none", "se")
@@ -98,20 +102,6 @@ class DiCoBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gated(gate1, self.mixer(modulate(self.norm1(x), shift1, scale1)))
         return x + gated(gate2, self.ffn(modulate(self.norm2(x), shift2, scale2)))
-
-
-class ConvFinalLayer(nn.Module):
-    """Channel LayerNorm (no affine) -> modulate from SiLU(c) (shift first) -> 3x3 conv to 2C."""
-
-    def __init__(self, dim: int, cond_dim: int, out_channels: int):
-        super().__init__()
-        self.norm = ChannelLayerNorm(dim)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * dim))
-        self.conv = nn.Conv2d(dim, out_channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.conv(modulate(self.norm(x), shift, scale))
 
 
 class DiCo(Denoiser):
@@ -214,7 +204,7 @@ class DiCo(Denoiser):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         y = drop_labels(y, self.num_classes, self.class_dropout_prob, self.training)  # once, for every table
-        c = [te(t) + ye(y) for te, ye in zip(self.t_embedders, self.y_embedders)]
+        c = [te(t) + ye(y) for te, ye in zip(self.t_embedders, self.y_embedders, strict=True)]
         if self.arch == "unet":
             return self._unet(x, *c)
         return self._isotropic(x, c[0])
@@ -241,13 +231,7 @@ class DiCo(Denoiser):
 
     def _isotropic(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         x = self.x_embedder(x)                                               # (N, W, H/p, W/p)
-        n, k, skips = len(self.blocks), len(self.skip_fuse), []
-        for i, blk in enumerate(self.blocks):
-            if i >= n - k:
-                x = self.skip_fuse[i - (n - k)](torch.cat([x, skips.pop()], dim=1))
-            x = blk(x, c)
-            if i < k:
-                skips.append(x)
+        x = run_with_long_skips(self.blocks, self.skip_fuse, x, c, cat_dim=1)
         x = self.final_layer(x.flatten(2).transpose(1, 2), c)                # (N, T, p*p*2C)
         return unpatchify(x, self.patch_size, self.out_channels)
 

@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 
 from .layers import (Attention, Denoiser, LabelEmbedder, Mlp, TimestepEmbedder, TokenFinalLayer, check_input_size,
-                     drop_labels, gated, modulate, sincos_pos_embed_2d, unpatchify, xavier_flat_, xavier_init_, zero_)
+                     drop_labels, gated, modulate, run_with_long_skips, sincos_pos_embed_2d, unpatchify, xavier_flat_,
+                     xavier_init_, zero_)
 
 
 class DiTBlock(nn.Module):
@@ -78,13 +79,7 @@ class DiT(Denoiser):
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed   # (N, T, D)
         y = drop_labels(y, self.num_classes, self.class_dropout_prob, self.training)
         c = self.t_embedder(t) + self.y_embedder(y)                          # (N, D)
-        depth, k, skips = len(self.blocks), self.long_skips, []
-        for i, block in enumerate(self.blocks):
-            if i >= depth - k:
-                x = self.skip_linears[i - (depth - k)](torch.cat([x, skips.pop()], dim=-1))
-            x = block(x, c)
-            if i < k:
-                skips.append(x)
+        x = run_with_long_skips(self.blocks, self.skip_linears, x, c, cat_dim=-1)
         x = self.final_layer(x, c)                                           # (N, T, p*p*2C)
         return unpatchify(x, self.patch_size, self.out_channels)             # (N, 2C, H, W)
 

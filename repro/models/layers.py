@@ -37,7 +37,8 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t, self.freq_dim))                # (N, hidden)
+        freq = timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype)  # a bf16 model gets bf16
+        return self.mlp(freq)                                                # (N, hidden)
 
     def init_weights(self) -> None:
         # DiT: both MLP weights N(0, 0.02); biases stay as the caller left them (zeroed by the xavier pass).
@@ -246,3 +247,32 @@ class TokenFinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))       # (N, T, out_features)
+
+
+class ConvFinalLayer(nn.Module):
+    """The conv models' final layer (DiC and DiCo): channel LayerNorm (no affine) -> modulate from SiLU(c),
+    shift first -> 3x3 conv to the output channels."""
+
+    def __init__(self, channels: int, cond_dim: int, out_channels: int):
+        super().__init__()
+        self.norm = ChannelLayerNorm(channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * channels))
+        self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.conv(modulate(self.norm(x), shift, scale))
+
+
+def run_with_long_skips(blocks: nn.ModuleList, fuse: nn.ModuleList, x: torch.Tensor, c: torch.Tensor,
+                        cat_dim: int) -> torch.Tensor:
+    """Run `blocks` with U-ViT-style long skips: with k = len(fuse), blocks 0..k-1 push their outputs and each
+    of the last k blocks first pops one (LIFO), concatenates it along `cat_dim` and fuses it back to width."""
+    n, k, skips = len(blocks), len(fuse), []
+    for i, block in enumerate(blocks):
+        if i >= n - k:
+            x = fuse[i - (n - k)](torch.cat([x, skips.pop()], dim=cat_dim))
+        x = block(x, c)
+        if i < k:
+            skips.append(x)
+    return x
