@@ -26,6 +26,7 @@ def test_models_json_exact_counts_beside_paper_values(capsys):
     assert rows["DiCo-XL"]["params"] == 701_151_368 and rows["DiCo-XL"]["winograd_gmacs"] is None
     assert rows["DiT-XL/2"]["params"] == 675_129_632 and rows["DiT-XL/2"]["paper_gmacs"] == 118.66
     assert all(r["counting_tool"] and r["family"] for r in rows.values())
+    assert rows["DiC-XL"]["config"]["depths"] == [7, 7, 8, 7, 7] and rows["DiC-XL"]["config"]["skip_stride"] == 3
 
 
 def test_models_at_512(capsys):

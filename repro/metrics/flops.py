@@ -153,5 +153,6 @@ def preset_rows(names: list[str] | None = None, resolution: int = 256) -> list[d
             paper_gmacs=paper_gmacs, paper_winograd_gmacs=paper.get(f"winograd_{resolution}"),
             paper_params_m=paper.get("params_m"),
             gmacs_delta_pct=None if paper_gmacs is None else round(100 * (c.gmacs / paper_gmacs - 1), 2),
-            paper_source=paper.get("source"), counting_tool=COUNTING_TOOL))
+            paper_source=paper.get("source"), counting_tool=COUNTING_TOOL,
+            config={k: list(v) if isinstance(v, tuple) else v for k, v in models.PRESETS[name].items()}))
     return rows
