@@ -109,6 +109,37 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- train
+def cmd_train(args) -> int:
+    from repro.config import load_run_config
+    from repro.train import TrainingDiverged, train
+
+    cfg = load_run_config(args.config)
+    try:
+        last = train(cfg, args.out, progress=False if args.no_progress else None)
+    except TrainingDiverged as e:
+        print(f"repro train: {e}", file=sys.stderr)
+        return 1
+    if last.get("loss") is not None:
+        print(f"done: step {last['step']}, loss {last['loss']:.4f} ({args.out})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- sample
+def cmd_sample(args) -> int:
+    from repro.sample import sample
+
+    overrides = {k: v for k, v in {"num_samples": args.num, "cfg_scale": args.cfg_scale, "steps": args.steps,
+                                   "sampler": args.sampler, "labels": args.labels, "seed": args.seed,
+                                   "per_proc_batch": args.batch}.items() if v is not None}
+    if args.guide_channels is not None:
+        overrides["guide_channels"] = "all" if args.guide_channels == "all" else int(args.guide_channels)
+    if args.raw:
+        overrides["use_ema"] = False
+    print(sample(args.run_dir, overrides, progress=not args.no_progress))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="repro", description="Reproduce the DiC and DiCo tables against DiT.")
@@ -136,6 +167,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the JSON report")
     p.add_argument("--out", help="also write the JSON report to this file (atomically)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("train", help="train (or resume) one run from its config file")
+    p.add_argument("config", help="run config YAML (model, diffusion, data, train, sample)")
+    p.add_argument("--out", required=True, help="run folder; re-running with the same folder resumes")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines even on a terminal")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="sample a trained run into samples/<protocol>.npz (resumable)")
+    p.add_argument("run_dir")
+    p.add_argument("--num", type=int, help="number of samples (default: the run's sample.num_samples)")
+    p.add_argument("--cfg-scale", type=float, dest="cfg_scale")
+    p.add_argument("--guide-channels", choices=("1", "2", "3", "4", "all"), dest="guide_channels")
+    p.add_argument("--steps", help='respacing, e.g. "250" (DDPM) or "50" with --sampler ddim')
+    p.add_argument("--sampler", choices=("ddpm", "ddim"))
+    p.add_argument("--labels", choices=("uniform", "balanced"))
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch", type=int, help="samples per process and forward")
+    p.add_argument("--raw", action="store_true", help="sample the raw weights instead of the EMA")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_sample)
     return parser
 
 

@@ -1,8 +1,9 @@
-"""Files of the harness: atomic writes (and, as the planner lands, run folders, state and locks)."""
+"""Files of the harness: atomic writes, run-folder paths, checkpoints (state and locks land with the planner)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -24,3 +25,76 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+# ---------------------------------------------------------------------------------------------- run folder
+class RunPaths:
+    """The files of one run folder (see design.md: results/runs/<run-id>/...)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.config = self.root / "config.yaml"
+        self.train = self.root / "train"
+        self.checkpoints = self.train / "checkpoints"
+        self.metrics = self.train / "metrics.jsonl"
+        self.log = self.train / "log.txt"
+        self.samples = self.root / "samples"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"{step:07d}.pt"
+
+
+def checkpoint_steps(paths: RunPaths) -> list[int]:
+    """Steps of the complete checkpoints in a run, oldest first (temp files of an interrupted write are ignored)."""
+    if not paths.checkpoints.is_dir():
+        return []
+    return sorted(int(p.stem) for p in paths.checkpoints.glob("*.pt") if p.stem.isdigit())
+
+
+def latest_checkpoint(paths: RunPaths) -> Path | None:
+    steps = checkpoint_steps(paths)
+    return paths.checkpoint(steps[-1]) if steps else None
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save through a temp file and a rename: a kill mid-write never leaves a truncated checkpoint."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def prune_checkpoints(paths: RunPaths, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints."""
+    for step in checkpoint_steps(paths)[:-keep]:
+        with contextlib.suppress(FileNotFoundError):
+            paths.checkpoint(step).unlink()
+
+
+def truncate_jsonl(path: Path, max_step: int) -> None:
+    """Drop lines logged after `max_step` (written before a kill, after the checkpoint we resume from)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= max_step]
+    if len(kept) != len(lines):
+        atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line and flush it to disk (a reader never sees a partial record after a crash)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import torch
 
-from repro.models.layers import (dic_groups, drop_labels, modulate, sincos_pos_embed_2d, timestep_embedding,
+from repro.models.layers import (dic_groups, modulate, sincos_pos_embed_2d, timestep_embedding,
                                  unpatchify)
 
 
@@ -37,13 +37,6 @@ def test_sincos_pos_embed_matches_mae_reference():
 
 def test_dic_group_rule():
     assert [dic_groups(c) for c in (96, 192, 384, 1536, 16)] == [24, 32, 32, 32, 4]
-
-
-def test_drop_labels():
-    y = torch.arange(5)
-    assert torch.equal(drop_labels(y, 1000, 1.0, training=True), torch.full((5,), 1000))
-    assert torch.equal(drop_labels(y, 1000, 1.0, training=False), y)
-    assert torch.equal(drop_labels(y, 1000, 0.0, training=True), y)
 
 
 def test_modulate_broadcasts_over_tokens_and_pixels():

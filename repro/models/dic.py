@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from .layers import (ConvFinalLayer, Denoiser, GroupNorm, LabelEmbedder, TimestepEmbedder, check_choice,
-                     check_input_size, drop_labels, gated, modulate, run_with_long_skips, xavier_flat_, xavier_init_,
+                     check_input_size, gated, modulate, run_with_long_skips, xavier_flat_, xavier_init_,
                      zero_)
 
 ARCHS = ("isotropic", "isotropic_skip", "hourglass")
@@ -193,8 +193,6 @@ class DiC(Denoiser):
         return [conv for b in self.dic_blocks() for conv in (b.conv0, b.conv1)]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # The label is dropped once and the same dropped labels feed every level's table ([C]).
-        y = drop_labels(y, self.num_classes, self.class_dropout_prob, self.training)
         conds = [te(t) + ye(y) for te, ye in zip(self.t_embedders, self.y_embedders, strict=True)]
         c = [conds[i] for i in self.cond_index]                              # per level: (N, C_level)
         x = self.stem(x)                                                     # (N, C, H, W)

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from .layers import (Attention, ChannelLayerNorm, ConvFinalLayer, Denoiser, LabelEmbedder, TimestepEmbedder,
-                     TokenFinalLayer, check_choice, check_input_size, drop_labels, gated, modulate,
+                     TokenFinalLayer, check_choice, check_input_size, gated, modulate,
                      run_with_long_skips, unpatchify, xavier_flat_, xavier_init_, zero_)
 
 ARCHS = ("isotropic", "isotropic_skip", "unet")
@@ -203,7 +203,6 @@ class DiCo(Denoiser):
         zero_(self.final_layer.conv if self.arch == "unet" else self.final_layer.linear)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        y = drop_labels(y, self.num_classes, self.class_dropout_prob, self.training)  # once, for every table
         c = [te(t) + ye(y) for te, ye in zip(self.t_embedders, self.y_embedders, strict=True)]
         if self.arch == "unet":
             return self._unet(x, *c)

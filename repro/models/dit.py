@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from .layers import (Attention, Denoiser, LabelEmbedder, Mlp, TimestepEmbedder, TokenFinalLayer, check_input_size,
-                     drop_labels, gated, modulate, run_with_long_skips, sincos_pos_embed_2d, unpatchify, xavier_flat_,
+                     gated, modulate, run_with_long_skips, sincos_pos_embed_2d, unpatchify, xavier_flat_,
                      xavier_init_, zero_)
 
 
@@ -77,7 +77,6 @@ class DiT(Denoiser):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed   # (N, T, D)
-        y = drop_labels(y, self.num_classes, self.class_dropout_prob, self.training)
         c = self.t_embedder(t) + self.y_embedder(y)                          # (N, D)
         x = run_with_long_skips(self.blocks, self.skip_linears, x, c, cat_dim=-1)
         x = self.final_layer(x, c)                                           # (N, T, p*p*2C)

@@ -47,7 +47,12 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class table with one extra row, index `num_classes`, for the null label of classifier-free guidance."""
+    """Class table with one extra row, index `num_classes`, for the null label of classifier-free guidance.
+
+    Unlike DiT's embedder it never drops labels itself: the trainer replaces labels by the null class with the
+    model's `class_dropout_prob`, drawn per global sample position so that a run gives the same batches on any
+    number of processes. One draw feeds every table of DiC and DiCo, as in their code.
+    """
 
     def __init__(self, num_classes: int, hidden: int, dropout_prob: float):
         super().__init__()
@@ -60,17 +65,6 @@ class LabelEmbedder(nn.Module):
 
     def init_weights(self) -> None:
         nn.init.normal_(self.embedding_table.weight, std=0.02)
-
-
-def drop_labels(y: torch.Tensor, num_classes: int, p: float, training: bool) -> torch.Tensor:
-    """Replace each label by the null class with probability p (train mode only).
-
-    Drawn once per sample, so models with several label tables (DiC, DiCo) drop the same labels in all of them.
-    """
-    if not training or p <= 0:
-        return y
-    drop = torch.rand(y.shape[0], device=y.device) < p
-    return torch.where(drop, torch.full_like(y, num_classes), y)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -161,6 +155,9 @@ class Denoiser(nn.Module):
             raise ValueError(f"guide_channels must be an int in 1..{c} or 'all', got {guide_channels!r}")
         if cfg_scale == 1:
             return self(x, t, y)
+        if self.class_dropout_prob <= 0:
+            raise ValueError("classifier-free guidance needs a model trained with label dropout "
+                             "(class_dropout_prob > 0 gives the null class)")
         n = x.shape[0]
         null = torch.full_like(y, self.num_classes)
         out = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))   # (2N, 2C, H, W)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .layers import (Attention, Denoiser, LabelEmbedder, Mlp, check_input_size, drop_labels, timestep_embedding,
+from .layers import (Attention, Denoiser, LabelEmbedder, Mlp, check_input_size, timestep_embedding,
                      unpatchify)
 
 
@@ -74,7 +74,6 @@ class UViT(Denoiser):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2)                   # (N, T, D)
-        y = drop_labels(y, self.num_classes, self.class_dropout_prob, self.training)
         time_token = timestep_embedding(t, self.embed_dim)[:, None].to(x.dtype)  # (N, 1, D), no MLP (ImageNet)
         label_token = self.label_emb(y)[:, None]                              # (N, 1, D)
         x = torch.cat([label_token, time_token, x], dim=1) + self.pos_embed  # (N, 2+T, D)

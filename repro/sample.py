@@ -1,0 +1,140 @@
+"""Samples of a trained run, the papers' way: EMA weights, DDPM-250, uniform random labels, an ADM-style npz.
+
+The sample set is a function of (seed, position) only: sample p's label and starting noise come from seeds
+derived from the sample seed and p, so the set is the same on any number of processes, and sampling resumes
+shard by shard after an interruption. Output: `samples/<protocol>.npz` with uint8 NHWC images under `arr_0`
+and labels under `arr_1`, `samples/<protocol>.json` with the protocol, and a PNG grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from repro import distributed, models, rundir
+from repro.config import ConfigError, RunConfig, SampleConfig, Where, config_hash, from_dict
+from repro.data import VAE, to_uint8
+from repro.diffusion import cfg_model_fn, create_diffusion
+from repro.train import seed_for
+
+
+def protocol_id(s: SampleConfig) -> str:
+    """File stem naming everything that changes a sample set."""
+    guide = f"-g{s.guide_channels}" if s.cfg_scale > 1 else ""
+    return f"{s.sampler}{s.steps.replace(',', '_')}-cfg{s.cfg_scale:g}{guide}-{s.labels}-n{s.num_samples}-seed{s.seed}"
+
+
+def load_run(run_dir: Path) -> RunConfig:
+    paths = rundir.RunPaths(run_dir)
+    if not paths.config.exists():
+        raise ConfigError(f"{paths.config}: no run here (train it first: repro train RUN.yaml --out {run_dir})")
+    record = yaml.safe_load(paths.config.read_text())
+    return from_dict(RunConfig, record["config"], Where(str(paths.config)))
+
+
+def sample_labels(s: SampleConfig, num_classes: int, total: int) -> torch.Tensor:
+    """Labels of positions 0..total-1: uniform random (the papers) or exactly balanced over classes."""
+    g = torch.Generator().manual_seed(seed_for(s.seed, "labels"))
+    if s.labels == "uniform":
+        return torch.randint(0, num_classes, (total,), generator=g)
+    return (torch.arange(total) % num_classes)[torch.randperm(total, generator=g)]
+
+
+def sample(run_dir: str | Path, overrides: dict | None = None, progress: bool = False) -> Path:
+    """Sample the run in `run_dir` with its sample config plus `overrides`; returns the npz path (resumable)."""
+    run_dir = Path(run_dir)
+    cfg = load_run(run_dir)
+    s = dataclasses.replace(cfg.sample, **(overrides or {}))
+    if s.num_samples < 1 or s.per_proc_batch < 1:
+        raise ConfigError("sample: num_samples and per_proc_batch must be >= 1")
+    paths = rundir.RunPaths(run_dir)
+    ckpt = rundir.latest_checkpoint(paths)
+    if ckpt is None:
+        raise ConfigError(f"{paths.checkpoints}: no checkpoint to sample from")
+    env = distributed.init()
+    device = env.device
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    spec = state["model_spec"]
+    model = models.build(spec["name"], **spec["kwargs"])
+    model.load_state_dict(state["ema" if s.use_ema else "model"])
+    model = model.to(device).eval()
+    diffusion = create_diffusion(s.steps if s.sampler == "ddpm" else f"ddim{s.steps}", cfg.diffusion.noise_schedule,
+                                 cfg.diffusion.learn_sigma, cfg.diffusion.diffusion_steps)
+    if s.cfg_scale > 1 and model.class_dropout_prob <= 0:
+        raise ConfigError("sample.cfg_scale > 1 needs a model trained with label dropout")
+    vae = None
+    if cfg.data.kind == "latents":
+        if not cfg.data.vae:
+            raise ConfigError("data.vae: a latent model needs the VAE folder to decode its samples")
+        vae = VAE(cfg.data.vae, device)
+
+    stem = protocol_id(s)
+    shard_dir = paths.samples / f".{stem}.shards"
+    per_shard = s.per_proc_batch * env.world
+    n_shards = -(-s.num_samples // per_shard)  # rounded up to whole global batches, extras dropped at the end
+    labels = sample_labels(s, model.num_classes, n_shards * per_shard)
+    shape = (model.in_channels, model.input_size, model.input_size)
+    gen = torch.Generator(device=device)
+    for k in range(n_shards):
+        out = shard_dir / f"{k:06d}-rank{env.rank}.npz"
+        if out.exists():
+            continue  # done before an interruption
+        lo = k * per_shard + env.rank * s.per_proc_batch
+        y = labels[lo:lo + s.per_proc_batch].to(device)
+        gen.manual_seed(seed_for(s.seed, "shard", k))
+        noise = torch.randn((per_shard, *shape), generator=gen, device=device)[
+            env.rank * s.per_proc_batch:(env.rank + 1) * s.per_proc_batch]
+        model_fn = cfg_model_fn(model, y, s.cfg_scale, s.guide_channels)
+        loop = diffusion.p_sample_loop if s.sampler == "ddpm" else diffusion.ddim_sample_loop
+        with torch.no_grad():
+            z = loop(model_fn, noise.shape, noise=noise, clip_denoised=False, generator=gen, device=device,
+                     progress=progress and env.is_main)
+            images = vae.decode(z) if vae is not None else to_uint8(z)
+        _save_npz_atomic(out, images.cpu().numpy(), y.cpu().numpy())
+    distributed.barrier(env)
+    npz = paths.samples / f"{stem}.npz"
+    if env.is_main:
+        arrays, ys = [], []
+        for k in range(n_shards):
+            for r in range(env.world):
+                with np.load(shard_dir / f"{k:06d}-rank{r}.npz") as f:
+                    arrays.append(f["arr_0"])
+                    ys.append(f["arr_1"])
+        images = np.concatenate(arrays)[:s.num_samples]
+        _save_npz_atomic(npz, images, np.concatenate(ys)[:s.num_samples])
+        protocol = {**dataclasses.asdict(s), "protocol_id": stem, "checkpoint": ckpt.name,
+                    "checkpoint_step": state["step"], "weights": "ema" if s.use_ema else "raw",
+                    "world_size": env.world, "config_hash": config_hash(cfg), "model": spec["name"],
+                    "decode": "vae" if vae is not None else "pixels", "clip_denoised": False}
+        rundir.atomic_write_text(npz.with_suffix(".json"), json.dumps(protocol, indent=2) + "\n")
+        _save_grid(images[:64], npz.with_suffix(".png"))
+    distributed.barrier(env)
+    return npz
+
+
+def _save_npz_atomic(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, arr_0=images, arr_1=labels)
+    tmp.replace(path)
+
+
+def _save_grid(images: np.ndarray, path: Path) -> None:
+    """A square PNG grid of uint8 NHWC images."""
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = -(-n // cols)
+    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(tmp)
+    tmp.replace(path)

@@ -1,0 +1,318 @@
+"""The one trainer, for every model of every study (DiT's `train.py`, made resumable and world-size invariant).
+
+Run it again with the same run folder and it continues from the newest checkpoint as if nothing happened:
+everything random is a function of (seed, step) -- which samples form the batch, their augmentation, the
+diffusion timesteps and noise, and the label dropout -- so a killed and restarted run is bit-identical on the
+CPU to an uninterrupted one, and a run on W processes sees the same global batches as on one.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Sampler
+
+from repro import distributed, models, rundir
+from repro.config import ConfigError, RunConfig, config_hash, to_dict
+from repro.data import build_dataset
+from repro.diffusion import create_diffusion
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the run stops and keeps its last good checkpoint."""
+
+
+def seed_for(*parts) -> int:
+    """A 63-bit seed from any tuple of ints and strings (stable across processes, machines and versions)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class StepBatches(Sampler):
+    """Keys (dataset index, augmentation seed) of this rank's share of each global batch, from `start` on.
+
+    Global sample position p = step * global_batch + i walks through one seeded permutation of the dataset per
+    epoch; rank r takes positions [r*b, (r+1)*b) of every global batch. The data position is thus the step.
+    """
+
+    def __init__(self, n_items: int, global_batch: int, rank: int, world: int, seed: int, start: int, stop: int):
+        self.n, self.global_batch, self.seed, self.start, self.stop = n_items, global_batch, seed, start, stop
+        self.local = global_batch // world
+        self.offset = rank * self.local
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def _index(self, position: int) -> int:
+        epoch, i = divmod(position, self.n)
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(seed_for(self.seed, "epoch", epoch))
+            self._perm = (epoch, torch.randperm(self.n, generator=g))
+        return int(self._perm[1][i])
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start, self.stop):
+            base = step * self.global_batch + self.offset
+            yield [(self._index(p), seed_for(self.seed, "item", p)) for p in range(base, base + self.local)]
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+@torch.no_grad()
+def update_ema(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * param, over the parameters (buffers excluded), as DiT."""
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+def model_spec(cfg: RunConfig, sample_shape: tuple[int, ...], num_classes: int) -> dict:
+    """Preset name and build kwargs of the run's model, its input geometry taken from the data.
+
+    Stored in every checkpoint, so sampling rebuilds the model without the training data.
+    """
+    channels, size = sample_shape[0], sample_shape[-1]
+    implied = {"in_channels": channels, "input_size": size, "num_classes": num_classes}
+    for key, value in implied.items():
+        if key in cfg.model.overrides and cfg.model.overrides[key] != value:
+            raise ConfigError(f"model.overrides.{key}={cfg.model.overrides[key]} contradicts the data ({value})")
+    return {"name": cfg.model.name, "kwargs": {**cfg.model.overrides, **implied}}
+
+
+def make_dataset(cfg: RunConfig):
+    d = cfg.data
+    options = {"fashion_mnist": {"flip": d.flip}, "imagenet_folder": {"resolution": d.resolution, "flip": d.flip},
+               "latents": {}}
+    return build_dataset(d.kind, **({"root": d.path} if d.path else {}), **options[d.kind])
+
+
+def prepare_run_dir(paths: rundir.RunPaths, cfg: RunConfig) -> None:
+    """Write config.yaml, or check that the folder already holds this same run (never mix two configs)."""
+    if paths.config.exists():
+        existing = yaml.safe_load(paths.config.read_text())
+        if existing.get("config") != to_dict(cfg):
+            raise ConfigError(f"{paths.config}: the run folder holds another configuration "
+                              f"(hash {existing.get('config_hash')} vs {config_hash(cfg)}); use a new --out")
+        return
+    record = {"config_hash": config_hash(cfg), "config": to_dict(cfg)}
+    rundir.atomic_write_text(paths.config, yaml.safe_dump(record, sort_keys=False))
+
+
+def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None) -> dict:
+    """Train the run in `run_dir` to `cfg.train.steps`, resuming from its newest checkpoint; returns last metrics."""
+    t = cfg.train
+    # ---------------------------------------------------------------- set-up: processes, precision, folder
+    env = distributed.init()
+    device = env.device
+    if t.global_batch % env.world:
+        raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by {env.world} processes")
+    torch.backends.cuda.matmul.allow_tf32 = t.tf32_matmul
+    torch.backends.cudnn.allow_tf32 = t.tf32_cudnn
+    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t.amp]
+    paths = rundir.RunPaths(run_dir)
+    if env.is_main:
+        prepare_run_dir(paths, cfg)
+    distributed.barrier(env)
+
+    # ---------------------------------------------------------------- data (fails fast, before the model)
+    dataset = make_dataset(cfg)
+    sample_x, _ = dataset[(0, 0)]
+    num_classes = dataset.describe()["num_classes"]
+
+    # ---------------------------------------------------------------- model, EMA, optimiser, diffusion
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    spec = model_spec(cfg, tuple(sample_x.shape), num_classes)
+    model = models.build(spec["name"], **spec["kwargs"]).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()  # starts as an exact copy
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, eps=1e-8, weight_decay=t.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=t.amp == "fp16")
+    diffusion = create_diffusion("", cfg.diffusion.noise_schedule, cfg.diffusion.learn_sigma,
+                                 cfg.diffusion.diffusion_steps)
+
+    # ---------------------------------------------------------------- resume from the newest checkpoint
+    step = 0
+    ckpt = rundir.latest_checkpoint(paths)
+    if ckpt is not None:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)  # CPU first: no GPU-0 memory spike
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        scaler.load_state_dict(state["scaler"])
+        step = state["step"]
+        _set_rng_state(state["rng"])
+    if env.is_main:
+        rundir.truncate_jsonl(paths.metrics, step)
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if env.world > 1 else model
+    model.train()
+    ema_params = [p for _, p in sorted(ema.named_parameters())]
+    live_params = [p for _, p in sorted(model.named_parameters())]
+
+    loader = DataLoader(dataset, batch_sampler=StepBatches(len(dataset), t.global_batch, env.rank, env.world,
+                                                          t.seed, step, t.steps),
+                        num_workers=t.num_workers, pin_memory=device.type == "cuda")
+    log = _Logger(paths, env, t.steps, step, progress)
+    local = t.global_batch // env.world
+    null_class = model.num_classes
+    step_gen = torch.Generator(device=device)
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, mse, vb over the log window
+    window_start, window_steps, last = time.perf_counter(), 0, {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    # ---------------------------------------------------------------- loop
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        # Randomness of the global batch, drawn identically on every rank and sliced: world-size invariant.
+        step_gen.manual_seed(seed_for(t.seed, "step", step))
+        shape = (t.global_batch, *x.shape[1:])
+        sl = slice(env.rank * local, (env.rank + 1) * local)
+        timesteps = torch.randint(0, diffusion.num_timesteps, (t.global_batch,), generator=step_gen,
+                                  device=device)[sl]
+        noise = torch.randn(shape, generator=step_gen, device=device)[sl]
+        drop = (torch.rand(t.global_batch, generator=step_gen, device=device) < model.class_dropout_prob)[sl]
+        y = torch.where(drop, torch.full_like(y, null_class), y)
+        torch.manual_seed(seed_for(t.seed, "rank", env.rank, step))  # anything else random inside the step
+
+        lr = t.lr * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else t.lr
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+        def model_fn(xt, tt, y=y):
+            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+                return net(xt, tt, y).float()
+
+        losses = diffusion.training_losses(model_fn, x, timesteps, noise=noise)
+        loss = losses["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        grad_norm = None
+        if t.grad_clip is not None:
+            scaler.unscale_(opt)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        update_ema(ema_params, live_params, t.ema_decay)
+        step += 1
+        sums += torch.stack([loss.detach(), losses["mse"].mean().detach(), losses["vb"].mean().detach()]).double()
+        window_steps += 1
+
+        if step % t.log_every == 0 or step == t.steps:
+            if grad_norm is None:  # measured at log steps only when not clipping (it costs a pass)
+                grad_norm = torch.linalg.vector_norm(
+                    torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - window_start
+            mean = distributed.all_mean(sums / window_steps, env)
+            if not torch.isfinite(mean).all():
+                raise TrainingDiverged(f"non-finite loss between steps {step - window_steps} and {step}; "
+                                       f"last good checkpoint: {rundir.latest_checkpoint(paths) or 'none'}")
+            last = {"step": step, "loss": mean[0].item(), "mse": mean[1].item(), "vb": mean[2].item(),
+                    "grad_norm": float(grad_norm), "lr": lr, "steps_per_s": window_steps / elapsed,
+                    "img_per_s": window_steps * t.global_batch / elapsed, "peak_mem_bytes": _peak_memory(device)}
+            log.metrics(last)
+            sums.zero_()
+            window_start, window_steps = time.perf_counter(), 0
+        else:
+            log.advance(step)
+
+        if step % t.ckpt_every == 0 or step == t.steps:
+            if window_steps and not torch.isfinite(distributed.all_mean(sums, env)).all():
+                raise TrainingDiverged(f"non-finite loss before step {step}; the checkpoint was not written; "
+                                       f"last good checkpoint: {rundir.latest_checkpoint(paths) or 'none'}")
+            if env.is_main:
+                rundir.save_atomic({
+                    "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                    "scaler": scaler.state_dict(), "step": step, "data_position": step * t.global_batch,
+                    "rng": _rng_state(), "world": env.world, "config_hash": config_hash(cfg), "model_spec": spec,
+                    "config": to_dict(cfg),
+                }, paths.checkpoint(step))
+                rundir.prune_checkpoints(paths, t.keep_last)
+            distributed.barrier(env)
+    log.close()
+    return last or {"step": step}
+
+
+# -------------------------------------------------------------------------------------------- helpers
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class _Logger:
+    """metrics.jsonl and log.txt on rank 0; a rich progress bar on a terminal, DiT-style lines otherwise."""
+
+    def __init__(self, paths: rundir.RunPaths, env, total: int, start: int, progress: bool | None):
+        self.paths, self.enabled, self.total = paths, env.is_main, total
+        self.bar = None
+        if self.enabled and (sys.stdout.isatty() if progress is None else progress):
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                TextColumn("{task.fields[status]}"))
+            self.task = self.bar.add_task("train", total=total, completed=start, status="")
+            self.bar.start()
+        if self.enabled and start:
+            self._line(f"resumed at step {start} from {rundir.latest_checkpoint(paths)}")
+
+    def advance(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step)
+
+    def metrics(self, m: dict) -> None:
+        if not self.enabled:
+            return
+        rundir.append_line(self.paths.metrics, json.dumps(m))
+        # DiT's line format, so logs of DiT, DiC, DiCo and ours parse alike
+        text = f"(step={m['step']:07d}) Train Loss: {m['loss']:.4f}, Train Steps/Sec: {m['steps_per_s']:.2f}"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=m["step"], status=f"loss {m['loss']:.4f}")
+            rundir.append_line(self.paths.log, text)
+        else:
+            self._line(text)
+
+    def _line(self, text: str) -> None:
+        rundir.append_line(self.paths.log, text)
+        if self.bar is None:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+__all__ = ["StepBatches", "TrainingDiverged", "model_spec", "seed_for", "train", "update_ema"]

@@ -1,0 +1,198 @@
+"""The trainer: bit-exact resume after SIGKILL, world-size invariant DDP, divergence stop, learning on real data."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from repro.config import RunConfig, from_dict
+from repro.train import StepBatches, TrainingDiverged, train
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+needs_fashion = pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").exists(),
+                                   reason="Debian package dataset-fashion-mnist is not installed")
+TINY = {
+    "DiC": {"name": "DiC-S", "overrides": {"width": 16, "depths": [2, 2, 1, 2, 2]}},
+    "DiCo": {"name": "DiCo-S", "overrides": {"width": 16, "depths": [1, 1, 1, 1, 1]}},
+    "DiT": {"name": "DiT-S/4", "overrides": {"hidden_size": 32, "depth": 2, "num_heads": 2}},
+}
+
+
+def _config(tmp_path: Path, family="DiC", **train) -> Path:
+    cfg = {"model": TINY[family], "data": {"kind": "fashion_mnist"},
+           "train": {"steps": 40, "global_batch": 8, "ckpt_every": 5, "log_every": 1, "keep_last": 2,
+                     "num_workers": 0, "seed": 3, **train}}
+    path = tmp_path / f"{family}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _cmd(config: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "repro.cli", "train", str(config), "--out", str(out), "--no-progress"]
+
+
+def _env(**extra) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", **extra}
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
+
+
+def _kill_after(config: Path, out: Path, step: int) -> None:
+    """Start training and SIGKILL it as soon as it has logged `step`."""
+    proc = subprocess.Popen(_cmd(config, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = out / "train" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if metrics.exists() and any(json.loads(ln)["step"] >= step for ln in metrics.read_text().splitlines() if ln):
+            break
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended before step {step}: {proc.stderr.read().decode()}")
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def _assert_same_final_state(a: Path, b: Path, step: int) -> None:
+    sa = torch.load(a / "train" / "checkpoints" / f"{step:07d}.pt", weights_only=False)
+    sb = torch.load(b / "train" / "checkpoints" / f"{step:07d}.pt", weights_only=False)
+    for key in ("model", "ema"):
+        assert sa[key].keys() == sb[key].keys()
+        for name in sa[key]:
+            assert torch.equal(sa[key][name], sb[key][name]), f"{key}.{name} differs"
+    for pa, pb in zip(sa["opt"]["state"].values(), sb["opt"]["state"].values(), strict=True):
+        for k in pa:
+            assert torch.equal(pa[k], pb[k]), f"optimizer {k} differs"
+
+
+@needs_fashion
+def test_resume_after_sigkill_is_bit_identical(tmp_path):
+    config = _config(tmp_path)
+    straight, once, twice = tmp_path / "straight", tmp_path / "once", tmp_path / "twice"
+    subprocess.run(_cmd(config, straight), env=_env(), check=True, capture_output=True)
+
+    _kill_after(config, once, 17)
+    assert (once / "train" / "checkpoints").exists()
+    subprocess.run(_cmd(config, once), env=_env(), check=True, capture_output=True)
+    _assert_same_final_state(straight, once, 40)
+
+    _kill_after(config, twice, 17)
+    _kill_after(config, twice, 29)
+    subprocess.run(_cmd(config, twice), env=_env(), check=True, capture_output=True)
+    _assert_same_final_state(straight, twice, 40)
+    # the log is continuous: one record per step, none duplicated by the restarts
+    assert [m["step"] for m in _metrics(twice)] == list(range(1, 41))
+    assert [m["loss"] for m in _metrics(twice)] == [m["loss"] for m in _metrics(straight)]
+    assert len(list((twice / "train" / "checkpoints").glob("*.pt"))) == 2  # keep_last
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@needs_fashion
+def test_ddp_two_processes_match_one(tmp_path):
+    config = _config(tmp_path, steps=5, ckpt_every=5)
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(_cmd(config, one), env=_env(), check=True, capture_output=True)
+    port = str(_free_port())
+    procs = [subprocess.Popen(_cmd(config, two), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=port)) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()
+    l1 = [m["loss"] for m in _metrics(one)]
+    l2 = [m["loss"] for m in _metrics(two)]
+    assert len(l1) == len(l2) == 5
+    assert l1 == pytest.approx(l2, abs=1e-5)
+    assert torch.load(two / "train" / "checkpoints" / "0000005.pt", weights_only=False)["world"] == 2
+
+
+def test_step_batches_are_world_size_invariant_and_resumable():
+    one = list(StepBatches(10, 4, 0, 1, seed=1, start=0, stop=6))
+    halves = [list(StepBatches(10, 4, r, 2, seed=1, start=0, stop=6)) for r in range(2)]
+    assert [a + b for a, b in zip(*halves, strict=True)] == one
+    resumed = list(StepBatches(10, 4, 0, 1, seed=1, start=3, stop=6))
+    assert resumed == one[3:]
+    first_epoch = [i for batch in one for i, _ in batch][:10]
+    assert sorted(first_epoch) == list(range(10))  # every item once per epoch
+    assert len({s for batch in one for _, s in batch}) == 24  # a fresh augmentation seed per position
+
+
+@needs_fashion
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    import repro.train as T
+
+    real = T.create_diffusion
+    calls = {"n": 0}
+
+    def poisoned(*args):
+        diffusion = real(*args)
+        losses = diffusion.training_losses
+
+        def training_losses(model_fn, x, t, noise=None):
+            out = losses(model_fn, x, t, noise=noise)
+            calls["n"] += 1
+            if calls["n"] >= 7:  # steps 7, 8, ... diverge
+                out = {k: v * float("nan") for k, v in out.items()}
+            return out
+
+        diffusion.training_losses = training_losses
+        return diffusion
+
+    monkeypatch.setattr(T, "create_diffusion", poisoned)
+    data = yaml.safe_load(_config(tmp_path, steps=20, ckpt_every=2, log_every=4).read_text())
+    cfg = from_dict(RunConfig, data)
+    with pytest.raises(TrainingDiverged, match="0000006.pt"):
+        train(cfg, tmp_path / "run", progress=False)
+    steps = sorted(p.name for p in (tmp_path / "run" / "train" / "checkpoints").glob("*.pt"))
+    assert steps == ["0000004.pt", "0000006.pt"]
+
+
+@needs_fashion
+@pytest.mark.parametrize("family", list(TINY))
+def test_tiny_models_learn_fashion_mnist(tmp_path, family):
+    cfg = from_dict(RunConfig, yaml.safe_load(_config(tmp_path, family, steps=300, global_batch=32, lr=1e-3,
+                                                          ckpt_every=300, log_every=10, ema_decay=0.999).read_text()))
+    train(cfg, tmp_path / family, progress=False)
+    losses = [m["loss"] for m in _metrics(tmp_path / family)]
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+GOLDEN = Path(__file__).parent / "golden" / "loss_curves.json"
+
+
+@needs_fashion
+def test_golden_20_step_loss_curves(tmp_path):
+    got = {}
+    for family in TINY:
+        cfg = from_dict(RunConfig, yaml.safe_load(_config(tmp_path, family, steps=20, ckpt_every=20).read_text()))
+        train(cfg, tmp_path / family, progress=False)
+        got[family] = [m["loss"] for m in _metrics(tmp_path / family)]
+    if os.environ.get("REPRO_UPDATE_GOLDEN"):
+        GOLDEN.write_text(json.dumps(got, indent=1) + "\n")
+    want = json.loads(GOLDEN.read_text())
+    for family in TINY:
+        assert got[family] == pytest.approx(want[family], rel=1e-4), family
+
+
+@needs_fashion
+def test_run_folder_refuses_another_config(tmp_path):
+    cfg = from_dict(RunConfig, yaml.safe_load(_config(tmp_path, steps=2, ckpt_every=2).read_text()))
+    train(cfg, tmp_path / "run", progress=False)
+    other = from_dict(RunConfig, yaml.safe_load(_config(tmp_path, steps=3, ckpt_every=3).read_text()))
+    with pytest.raises(ValueError, match="holds another configuration"):
+        train(other, tmp_path / "run", progress=False)
+    train(cfg, tmp_path / "run", progress=False)  # the same config again: nothing to do, no error
