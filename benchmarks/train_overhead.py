@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -24,12 +23,13 @@ from repro import models
 from repro.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from repro.data import build_dataset
 from repro.diffusion import create_diffusion
+from repro.metrics.throughput import environment
 from repro.train import train, update_ema
 
 
 def run_ours(cfg: RunConfig) -> float:
     with tempfile.TemporaryDirectory() as d:
-        train(cfg, d, progress=False)
+        train(cfg, d, progress=False)  # prints its DiT-style log lines
         with open(f"{d}/train/metrics.jsonl") as f:
             windows = [json.loads(line) for line in f]
     return windows[-1]["steps_per_s"]  # second half: log_every = steps // 2
@@ -81,8 +81,8 @@ def main() -> None:
         ours.append(run_ours(cfg))
         bare.append(run_bare(cfg, images, labels))
     a, b = statistics.median(ours), statistics.median(bare)
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
+    env = environment("cpu")
+    print(f"machine: {env['cpu']} ({env['cpu_count']} cores), {env['threads']} threads, torch {env['torch']}")
     print(f"model: DiC-S width {args.width} depths [2,2,1,2,2], Fashion-MNIST 32x32x1, batch {args.batch}, "
           f"{args.steps} steps (second half timed), {args.repeats} interleaved repeats")
     print("trainer steps/s: " + " ".join(f"{v:.2f}" for v in ours) + f"  median {a:.3f}")

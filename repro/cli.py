@@ -140,6 +140,17 @@ def cmd_sample(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- extract-latents
+def cmd_extract_latents(args) -> int:
+    from repro.data import extract_latents
+
+    out = extract_latents(args.dataset_root, args.out, args.resolution, args.vae, batch_size=args.batch,
+                          device=args.device, limit=args.limit, mode=args.mode, seed=args.seed, dtype=args.dtype,
+                          num_workers=args.workers)
+    print(out)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="repro", description="Reproduce the DiC and DiCo tables against DiT.")
@@ -187,6 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="sample the raw weights instead of the EMA")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("extract-latents", help="encode an image folder once into VAE latents (resumable)")
+    p.add_argument("dataset_root", help="class-folder image dataset (ImageNet train layout)")
+    p.add_argument("--out", required=True, help="output folder: latents.npy, labels.npy, meta.json")
+    p.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder (sd-vae-ft-ema)")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--mode", default="pair", choices=("pair", "single"),
+                   help="pair: each image and its flip (DiCo); single: one frozen flip per image (DiC, fast-DiT)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16"))
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the posterior samples")
+    p.add_argument("--workers", type=int, default=0, help="image decoding workers")
+    p.add_argument("--limit", type=int, help="only the first N images (smoke tests)")
+    p.set_defaults(func=cmd_extract_latents)
     return parser
 
 

@@ -108,11 +108,11 @@ class RunConfig:
 
     def __post_init__(self):
         t = self.train
-        for name in ("steps", "global_batch", "ckpt_every", "keep_last", "log_every", "diffusion_steps"):
-            value = getattr(self.diffusion if name == "diffusion_steps" else t, name)
-            if value < 1:
-                raise ConfigError(f"{'diffusion' if name == 'diffusion_steps' else 'train'}.{name}: must be >= 1, "
-                                  f"got {value}")
+        for name in ("steps", "global_batch", "ckpt_every", "keep_last", "log_every"):
+            if getattr(t, name) < 1:
+                raise ConfigError(f"train.{name}: must be >= 1, got {getattr(t, name)}")
+        if self.diffusion.diffusion_steps < 2:
+            raise ConfigError(f"diffusion.diffusion_steps: must be >= 2, got {self.diffusion.diffusion_steps}")
         if t.lr <= 0 or not 0 <= t.ema_decay <= 1 or t.warmup_steps < 0 or t.num_workers < 0:
             raise ConfigError("train: lr must be > 0, ema_decay in [0, 1], warmup_steps and num_workers >= 0")
         if self.sample.cfg_scale < 1:

@@ -1,15 +1,19 @@
 """Samples of a trained run, the papers' way: EMA weights, DDPM-250, uniform random labels, an ADM-style npz.
 
-The sample set is a function of (seed, position) only: sample p's label and starting noise come from seeds
-derived from the sample seed and p, so the set is the same on any number of processes, and sampling resumes
-shard by shard after an interruption. Output: `samples/<protocol>.npz` with uint8 NHWC images under `arr_0`
-and labels under `arr_1`, `samples/<protocol>.json` with the protocol, and a PNG grid.
+Sample p's label and starting noise come from seeds derived from (seed, p) alone, so with DDIM (eta 0) the set
+does not depend on the batch size or the number of processes. The ancestral (DDPM) sampler's fresh noise at
+each step is drawn per shard, so its samples depend on the per-process batch and the world size, as in DiT;
+both are recorded, and shards are kept apart by them so that a resumed job never mixes two layouts.
+
+Output: `samples/<protocol>.npz` with uint8 NHWC images under `arr_0` and labels under `arr_1`,
+`samples/<protocol>.json` with the protocol, and a PNG grid. Sampling resumes shard by shard.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +78,14 @@ def sample(run_dir: str | Path, overrides: dict | None = None, progress: bool = 
         vae = VAE(cfg.data.vae, device)
 
     stem = protocol_id(s)
-    shard_dir = paths.samples / f".{stem}.shards"
+    npz = paths.samples / f"{stem}.npz"
+    done = npz.with_suffix(".json")
+    if npz.exists() and done.exists():
+        record = json.loads(done.read_text())
+        if (record.get("checkpoint_step"), record.get("per_proc_batch"), record.get("world_size")) == \
+                (state["step"], s.per_proc_batch, env.world):
+            return npz  # this exact sample set is already there
+    shard_dir = paths.samples / f".{stem}.b{s.per_proc_batch}x{env.world}.shards"
     per_shard = s.per_proc_batch * env.world
     n_shards = -(-s.num_samples // per_shard)  # rounded up to whole global batches, extras dropped at the end
     labels = sample_labels(s, model.num_classes, n_shards * per_shard)
@@ -86,9 +97,9 @@ def sample(run_dir: str | Path, overrides: dict | None = None, progress: bool = 
             continue  # done before an interruption
         lo = k * per_shard + env.rank * s.per_proc_batch
         y = labels[lo:lo + s.per_proc_batch].to(device)
-        gen.manual_seed(seed_for(s.seed, "shard", k))
-        noise = torch.randn((per_shard, *shape), generator=gen, device=device)[
-            env.rank * s.per_proc_batch:(env.rank + 1) * s.per_proc_batch]
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed_for(s.seed, "z", p)))
+                             for p in range(lo, lo + s.per_proc_batch)]).to(device)
+        gen.manual_seed(seed_for(s.seed, "shard", k, env.rank))
         model_fn = cfg_model_fn(model, y, s.cfg_scale, s.guide_channels)
         loop = diffusion.p_sample_loop if s.sampler == "ddpm" else diffusion.ddim_sample_loop
         with torch.no_grad():
@@ -97,7 +108,6 @@ def sample(run_dir: str | Path, overrides: dict | None = None, progress: bool = 
             images = vae.decode(z) if vae is not None else to_uint8(z)
         _save_npz_atomic(out, images.cpu().numpy(), y.cpu().numpy())
     distributed.barrier(env)
-    npz = paths.samples / f"{stem}.npz"
     if env.is_main:
         arrays, ys = [], []
         for k in range(n_shards):
@@ -113,6 +123,7 @@ def sample(run_dir: str | Path, overrides: dict | None = None, progress: bool = 
                     "decode": "vae" if vae is not None else "pixels", "clip_denoised": False}
         rundir.atomic_write_text(npz.with_suffix(".json"), json.dumps(protocol, indent=2) + "\n")
         _save_grid(images[:64], npz.with_suffix(".png"))
+        shutil.rmtree(shard_dir)  # the npz holds them all now
     distributed.barrier(env)
     return npz
 

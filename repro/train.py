@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from repro import distributed, models, rundir
 from repro.config import ConfigError, RunConfig, config_hash, to_dict
-from repro.data import build_dataset
+from repro.data import LATENT_SCALE, VAE, build_dataset
 from repro.diffusion import create_diffusion
 
 
@@ -125,7 +125,15 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None) -> 
     # ---------------------------------------------------------------- data (fails fast, before the model)
     dataset = make_dataset(cfg)
     sample_x, _ = dataset[(0, 0)]
-    num_classes = dataset.describe()["num_classes"]
+    described = dataset.describe()
+    num_classes = described["num_classes"]
+    vae = None
+    if cfg.data.kind == "imagenet_folder" and cfg.data.vae:  # DiT's on-the-fly encoding: fresh VAE noise each step
+        vae = VAE(cfg.data.vae, device)
+        sample_x = torch.zeros(vae.latent_shape(cfg.data.resolution))
+        described = {**described, **vae.describe()}
+    if env.is_main:  # which data, and pixels / pre-extracted / on-the-fly latents: a confound between arms
+        rundir.atomic_write_text(paths.train / "data.json", json.dumps(described, indent=2) + "\n")
 
     # ---------------------------------------------------------------- model, EMA, optimiser, diffusion
     torch.manual_seed(t.seed)  # identical initial weights on every rank
@@ -174,8 +182,12 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None) -> 
         y = y.to(device, non_blocking=True)
         # Randomness of the global batch, drawn identically on every rank and sliced: world-size invariant.
         step_gen.manual_seed(seed_for(t.seed, "step", step))
-        shape = (t.global_batch, *x.shape[1:])
         sl = slice(env.rank * local, (env.rank + 1) * local)
+        if vae is not None:
+            mean, std = vae.posterior(x)  # a posterior sample, its noise from the global stream as the rest
+            eps = torch.randn((t.global_batch, *mean.shape[1:]), generator=step_gen, device=device)[sl]
+            x = (mean + std * eps) * LATENT_SCALE
+        shape = (t.global_batch, *x.shape[1:])
         timesteps = torch.randint(0, diffusion.num_timesteps, (t.global_batch,), generator=step_gen,
                                   device=device)[sl]
         noise = torch.randn(shape, generator=step_gen, device=device)[sl]

@@ -1,6 +1,7 @@
 """The trainer: bit-exact resume after SIGKILL, world-size invariant DDP, divergence stop, learning on real data."""
 
 import json
+import math
 import os
 import signal
 import socket
@@ -196,3 +197,17 @@ def test_run_folder_refuses_another_config(tmp_path):
     with pytest.raises(ValueError, match="holds another configuration"):
         train(other, tmp_path / "run", progress=False)
     train(cfg, tmp_path / "run", progress=False)  # the same config again: nothing to do, no error
+
+
+@needs_fashion
+@pytest.mark.parametrize("amp,clip", [("bf16", None), ("fp16", 1.0), ("off", 0.5)])
+def test_amp_and_grad_clip_paths(tmp_path, amp, clip):
+    data = yaml.safe_load(_config(tmp_path, "DiT", steps=3, ckpt_every=3, amp=amp, grad_clip=clip,
+                                  warmup_steps=2).read_text())
+    last = train(from_dict(RunConfig, data), tmp_path / "run", progress=False)
+    m = _metrics(tmp_path / "run")
+    assert [r["step"] for r in m] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in m)
+    assert [r["lr"] for r in m] == pytest.approx([5e-5, 1e-4, 1e-4])  # linear warm-up over 2 steps
+    if clip is not None:
+        assert all(r["grad_norm"] >= 0 for r in m)
+    assert last["step"] == 3
