@@ -8,7 +8,6 @@ the same batches (style.md 6). `describe()` returns what a run records about its
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import inspect
 import json
@@ -17,7 +16,6 @@ import math
 import os
 import random
 import struct
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +24,7 @@ import torch
 from PIL import Image
 
 from repro.errors import did_you_mean
-from repro.rundir import atomic_write_text
+from repro.rundir import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -295,18 +293,8 @@ _PARTIAL, _PROGRESS = ".latents.partial.npy", ".extract-progress.json"
 
 
 def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
-    """np.save through a temp file and a rename, so `path` is either absent or complete."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """np.save atomically, so `path` is either absent or complete."""
+    atomic_write(path, lambda f: np.save(f, arr))
 
 
 def extract_latents(dataset_root: str | Path, out_dir: str | Path, resolution: int, vae_path: str | Path,

@@ -6,17 +6,20 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` via a temp file in the same folder and a rename: readers see old or new, never half."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Call `write(f)` on a temp file in the same folder, fsync, rename: readers see the old file or the new one,
+    never half of one, and a kill mid-write leaves at most a hidden temp file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -25,6 +28,11 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` atomically (see `atomic_write`)."""
+    return atomic_write(path, lambda f: f.write(text.encode()))
 
 
 # ---------------------------------------------------------------------------------------------- run folder
@@ -57,21 +65,10 @@ def latest_checkpoint(paths: RunPaths) -> Path | None:
 
 
 def save_atomic(obj, path: Path) -> None:
-    """torch.save through a temp file and a rename: a kill mid-write never leaves a truncated checkpoint."""
+    """torch.save atomically: a kill mid-write never leaves a truncated checkpoint under its final name."""
     import torch
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def prune_checkpoints(paths: RunPaths, keep: int) -> None:

@@ -129,10 +129,7 @@ def sample(run_dir: str | Path, overrides: dict | None = None, progress: bool = 
 
 
 def _save_npz_atomic(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, arr_0=images, arr_1=labels)
-    tmp.replace(path)
+    rundir.atomic_write(path, lambda f: np.savez(f, arr_0=images, arr_1=labels))
 
 
 def _save_grid(images: np.ndarray, path: Path) -> None:
@@ -146,6 +143,4 @@ def _save_grid(images: np.ndarray, path: Path) -> None:
     for i, img in enumerate(images):
         r, q = divmod(i, cols)
         grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(tmp)
-    tmp.replace(path)
+    rundir.atomic_write(path, lambda f: Image.fromarray(grid[..., 0] if c == 1 else grid).save(f, format="PNG"))

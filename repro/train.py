@@ -118,9 +118,6 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None) -> 
     torch.backends.cudnn.allow_tf32 = t.tf32_cudnn
     amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t.amp]
     paths = rundir.RunPaths(run_dir)
-    if env.is_main:
-        prepare_run_dir(paths, cfg)
-    distributed.barrier(env)
 
     # ---------------------------------------------------------------- data (fails fast, before the model)
     dataset = make_dataset(cfg)
@@ -132,8 +129,6 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None) -> 
         vae = VAE(cfg.data.vae, device)
         sample_x = torch.zeros(vae.latent_shape(cfg.data.resolution))
         described = {**described, **vae.describe()}
-    if env.is_main:  # which data, and pixels / pre-extracted / on-the-fly latents: a confound between arms
-        rundir.atomic_write_text(paths.train / "data.json", json.dumps(described, indent=2) + "\n")
 
     # ---------------------------------------------------------------- model, EMA, optimiser, diffusion
     torch.manual_seed(t.seed)  # identical initial weights on every rank
@@ -144,6 +139,13 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None) -> 
     scaler = torch.amp.GradScaler(device.type, enabled=t.amp == "fp16")
     diffusion = create_diffusion("", cfg.diffusion.noise_schedule, cfg.diffusion.learn_sigma,
                                  cfg.diffusion.diffusion_steps)
+
+    # ---------------------------------------------------------------- run folder (only once the inputs are valid)
+    if env.is_main:
+        prepare_run_dir(paths, cfg)
+        # which data, and pixels / pre-extracted / on-the-fly latents: a confound between arms
+        rundir.atomic_write_text(paths.train / "data.json", json.dumps(described, indent=2) + "\n")
+    distributed.barrier(env)
 
     # ---------------------------------------------------------------- resume from the newest checkpoint
     step = 0

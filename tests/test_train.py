@@ -211,3 +211,15 @@ def test_amp_and_grad_clip_paths(tmp_path, amp, clip):
     if clip is not None:
         assert all(r["grad_norm"] >= 0 for r in m)
     assert last["step"] == 3
+
+
+@needs_fashion
+def test_bad_input_writes_nothing(tmp_path, capsys):
+    from repro.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"model": {"name": "DiC-S", "overrides": {"widht": 16}}}))
+    assert main(["train", str(bad), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown switch 'widht' (did you mean width?)" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
