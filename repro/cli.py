@@ -122,6 +122,8 @@ def cmd_train(args) -> int:
         return 1
     if last.get("loss") is not None:
         print(f"done: step {last['step']}, loss {last['loss']:.4f} ({args.out})")
+    else:
+        print(f"already trained to step {last['step']} ({args.out})")
     return 0
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from repro.cli import main
-from repro.config import RunConfig, from_dict
+from repro.config import RunConfig, SampleConfig, from_dict
 from repro.sample import protocol_id, sample, sample_labels
 from repro.train import train
 
@@ -76,8 +76,6 @@ def test_ddim_sample_set_does_not_depend_on_the_batch(run):
 
 
 def test_balanced_labels_and_cfg(run):
-    from repro.config import SampleConfig
-
     labels = sample_labels(SampleConfig(labels="balanced", seed=1), 10, 40)
     assert np.bincount(labels.numpy(), minlength=10).tolist() == [4] * 10
     npz = sample(run, {"cfg_scale": 1.5, "guide_channels": "all", "num_samples": 4})
@@ -95,7 +93,35 @@ def test_cli_sample(run, capsys):
 
 
 def test_protocol_id_names_what_changes_samples():
-    from repro.config import SampleConfig
-
     assert protocol_id(SampleConfig()) == "ddpm250-cfg1-uniform-n50000-seed0"
     assert protocol_id(SampleConfig(cfg_scale=1.5)) == "ddpm250-cfg1.5-g3-uniform-n50000-seed0"
+
+
+def test_two_processes_sample_the_same_set_as_one(run, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    def cli(*extra, env=None):
+        return [sys.executable, "-m", "repro.cli", "sample", str(run), "--num", "8", "--sampler", "ddim",
+                "--steps", "3", "--seed", "21", "--no-progress", *extra]
+
+    base = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(cli("--batch", "4"), env=base, check=True, capture_output=True, text=True)
+    npz = Path(one.stdout.strip().splitlines()[-1])
+    single = np.load(npz)["arr_0"].astype(int)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    procs = [subprocess.Popen(cli("--batch", "2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()
+    double = np.load(npz)["arr_0"].astype(int)
+    assert json.loads(npz.with_suffix(".json").read_text())["world_size"] == 2
+    assert double.shape == single.shape == (8, 32, 32, 1)
+    assert np.abs(double - single).max() <= 1
+    assert np.array_equal(np.load(npz)["arr_1"], sample_labels(SampleConfig(seed=21), 10, 8).numpy())
