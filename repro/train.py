@@ -94,16 +94,15 @@ def make_dataset(cfg: RunConfig):
     return build_dataset(d.kind, **({"root": d.path} if d.path else {}), **options[d.kind])
 
 
-def prepare_run_dir(paths: rundir.RunPaths, cfg: RunConfig) -> None:
-    """Write config.yaml, or check that the folder already holds this same run (never mix two configs)."""
-    if paths.config.exists():
-        existing = yaml.safe_load(paths.config.read_text())
-        if existing.get("config") != to_dict(cfg):
-            raise ConfigError(f"{paths.config}: the run folder holds another configuration "
-                              f"(hash {existing.get('config_hash')} vs {config_hash(cfg)}); use a new --out")
-        return
-    record = {"config_hash": config_hash(cfg), "config": to_dict(cfg)}
-    rundir.atomic_write_text(paths.config, yaml.safe_dump(record, sort_keys=False))
+def check_run_dir(paths: rundir.RunPaths, cfg: RunConfig) -> bool:
+    """True if the folder already holds this run; ConfigError if it holds another (never mix two configs)."""
+    if not paths.config.exists():
+        return False
+    existing = yaml.safe_load(paths.config.read_text())
+    if existing.get("config") != to_dict(cfg):
+        raise ConfigError(f"{paths.config}: the run folder holds another configuration "
+                          f"(hash {existing.get('config_hash')} vs {config_hash(cfg)}); use a new --out")
+    return True
 
 
 def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None) -> dict:
@@ -141,9 +140,12 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None) -> 
                                  cfg.diffusion.diffusion_steps)
 
     # ---------------------------------------------------------------- run folder (only once the inputs are valid)
-    if env.is_main:
-        prepare_run_dir(paths, cfg)
-        # which data, and pixels / pre-extracted / on-the-fly latents: a confound between arms
+    exists = check_run_dir(paths, cfg)  # on every rank, so a mismatch stops them all rather than hang one
+    distributed.barrier(env)
+    if env.is_main and not exists:
+        record = {"config_hash": config_hash(cfg), "config": to_dict(cfg)}
+        rundir.atomic_write_text(paths.config, yaml.safe_dump(record, sort_keys=False))
+    if env.is_main:  # which data, and pixels / pre-extracted / on-the-fly latents: a confound between arms
         rundir.atomic_write_text(paths.train / "data.json", json.dumps(described, indent=2) + "\n")
     distributed.barrier(env)
 
