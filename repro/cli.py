@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -153,6 +154,67 @@ def cmd_extract_latents(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- plan / status
+def _load_plan(args):
+    from repro.plan import expand, last_study, load_study, results_root
+
+    root = results_root(args.results)
+    path = Path(args.study) if args.study else last_study(root)
+    return expand(load_study(path)), root
+
+
+def cmd_plan(args) -> int:
+    from repro.plan import plan_json, remember
+
+    plan, root = _load_plan(args)
+    data = plan_json(plan, root)
+    remember(plan.study.path, root)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    s = plan.study.study
+    paper = f" — {s.paper.file} table {s.paper.table}" if s.paper else ""
+    table = Table(title=f"{s.study}: {len(data['runs'])} runs{paper}")
+    for col in ("step", "label", "model", "switches vs preset", "run id", "stages", "status", "GPU-h"):
+        table.add_column(col, justify="right" if col == "GPU-h" else "left")
+    for r in data["runs"]:
+        sw = ", ".join(f"{k}={v}" for k, v in r["switches"].items()) or "–"
+        stages = " ".join(st["name"].split(":")[0] for st in r["stages"])
+        hours = "–" if r["gpu_hours"] is None else f"{r['gpu_hours']:,.0f}"
+        table.add_row(r["step"] + (f" s{r['seed']}" if len(s.grid.seeds) > 1 else ""), r["label"], r["model"], sw,
+                      r["id"], stages, r["status"], hours)
+    console = _console()
+    console.print(table)
+    total = sum(r["gpu_hours"] or 0 for r in data["runs"])
+    if any(r["gpu_hours"] is not None for r in data["runs"]):
+        console.print(f"estimated training cost: {total:,.0f} GPU-hours (declared step time; see the study's cost)")
+    console.print(f"run folders: {root / 'runs'}/<run id>")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from repro.plan import plan_json
+
+    plan, root = _load_plan(args)
+    data = plan_json(plan, root)
+    if args.json:
+        print(json.dumps({"study": data["study"], "runs": [
+            {"id": r["id"], "step": r["step"], "status": r["status"], "stages": r["stages"]} for r in data["runs"]]},
+            indent=2))
+        return 0
+    table = Table(title=f"{data['study']}: status")
+    for col in ("step", "run id", "stage", "state", "job", "progress", "loss", "ETA"):
+        table.add_column(col)
+    for r in data["runs"]:
+        for st in r["stages"]:
+            progress = f"{st['step']}/{st['total']}" if "total" in st else ""
+            loss = f"{st['loss']:.4f}" if st.get("loss") is not None else ""
+            eta = f"{st['eta_s'] / 3600:.1f} h" if st.get("eta_s") else ""
+            table.add_row(r["step"], r["id"], st["name"], st["state"], "–", progress, loss, eta)
+    _console().print(table)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="repro", description="Reproduce the DiC and DiCo tables against DiT.")
@@ -200,6 +262,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="sample the raw weights instead of the EMA")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("plan", help="expand a study into runs and stages (and remember it as the last study)")
+    p.add_argument("study", help="study YAML, e.g. experiments/dic_roadmap.yaml")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--results", help="results root (default: $REPRO_RESULTS or ./results)")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("status", help="state of every run and stage of a study (default: the last planned)")
+    p.add_argument("study", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--results", help="results root (default: $REPRO_RESULTS or ./results)")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("extract-latents", help="encode an image folder once into VAE latents (resumable)")
     p.add_argument("dataset_root", help="class-folder image dataset (ImageNet train layout)")

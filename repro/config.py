@@ -27,7 +27,14 @@ from repro.errors import did_you_mean
 
 
 class ConfigError(ValueError):
-    """A mistake in a configuration file or value; the message is one line naming where."""
+    """A mistake in a configuration file or value; the message is one line naming where.
+
+    `key` (dotted, relative to the dataclass that raised it) lets the loader add the file and line.
+    """
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key, self.detail = key, message
 
 
 # ----------------------------------------------------------------------------------------------- schema
@@ -95,6 +102,12 @@ class SampleConfig:
     per_proc_batch: int = 32
     use_ema: bool = True
 
+    def __post_init__(self):
+        if self.cfg_scale < 1:
+            raise ConfigError(f"must be >= 1, got {self.cfg_scale}", key="cfg_scale")
+        if self.num_samples < 1 or self.per_proc_batch < 1:
+            raise ConfigError("num_samples and per_proc_batch must be >= 1", key="num_samples")
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -110,13 +123,11 @@ class RunConfig:
         t = self.train
         for name in ("steps", "global_batch", "ckpt_every", "keep_last", "log_every"):
             if getattr(t, name) < 1:
-                raise ConfigError(f"train.{name}: must be >= 1, got {getattr(t, name)}")
+                raise ConfigError(f"must be >= 1, got {getattr(t, name)}", key=f"train.{name}")
         if self.diffusion.diffusion_steps < 2:
-            raise ConfigError(f"diffusion.diffusion_steps: must be >= 2, got {self.diffusion.diffusion_steps}")
+            raise ConfigError(f"must be >= 2, got {self.diffusion.diffusion_steps}", key="diffusion.diffusion_steps")
         if t.lr <= 0 or not 0 <= t.ema_decay <= 1 or t.warmup_steps < 0 or t.num_workers < 0:
-            raise ConfigError("train: lr must be > 0, ema_decay in [0, 1], warmup_steps and num_workers >= 0")
-        if self.sample.cfg_scale < 1:
-            raise ConfigError(f"sample.cfg_scale: must be >= 1, got {self.sample.cfg_scale}")
+            raise ConfigError("lr must be > 0, ema_decay in [0, 1], warmup_steps and num_workers >= 0", key="train")
 
 
 # ----------------------------------------------------------------------------------------------- I/O
@@ -145,9 +156,12 @@ def read_yaml(path: str | Path) -> tuple[Any, dict[str, int]]:
     """Safe-load a YAML file and map every dotted key to its line number."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -156,35 +170,42 @@ def read_yaml(path: str | Path) -> tuple[Any, dict[str, int]]:
         line = f":{mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
     lines: dict[str, int] = {}
-    _index_lines(node, "", lines)
+    _index_lines(node, "", lines, path)
     return ({} if data is None else data), lines
 
 
-def _index_lines(node, prefix: str, lines: dict[str, int]) -> None:
+def _index_lines(node, prefix: str, lines: dict[str, int], path: Path) -> None:
     if isinstance(node, yaml.MappingNode):
+        seen = set()
         for key_node, value_node in node.value:
             dotted = f"{prefix}{key_node.value}"
+            if key_node.value in seen:  # PyYAML keeps the last silently; a typo'd copy would win unnoticed
+                raise ConfigError(f"{path}:{key_node.start_mark.line + 1}: {dotted}: duplicate key")
+            seen.add(key_node.value)
             lines[dotted] = key_node.start_mark.line + 1
-            _index_lines(value_node, dotted + ".", lines)
+            _index_lines(value_node, dotted + ".", lines, path)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             lines[f"{prefix}{i}"] = item.start_mark.line + 1
-            _index_lines(item, f"{prefix}{i}.", lines)
+            _index_lines(item, f"{prefix}{i}.", lines, path)
 
 
 @dataclass(frozen=True)
 class Where:
-    """Where values come from, for error messages: a file and its key -> line map."""
+    """Where values come from, for error messages: a file, its key -> line map, and the other files that
+    keys inherited through `extends:` come from."""
 
     file: str = "<config>"
     lines: dict[str, int] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
 
     def at(self, dotted: str) -> str:
         parts = dotted.split(".")
         for n in range(len(parts), 0, -1):  # the key's own line, else its nearest parent's
-            line = self.lines.get(".".join(parts[:n]))
+            key = ".".join(parts[:n])
+            line = self.lines.get(key)
             if line:
-                return f"{self.file}:{line}: {dotted}"
+                return f"{self.files.get(key, self.file)}:{line}: {dotted}"
         return f"{self.file}: {dotted}"
 
 
@@ -201,10 +222,15 @@ def from_dict(cls, data: Any, where: Where = Where(), prefix: str = ""):
             raise ConfigError(f"{where.at(dotted)}: unknown key{did_you_mean(str(key), fields)}; "
                               f"valid keys: {', '.join(fields)}")
         kwargs[key] = _convert(hints[key], value, where, dotted)
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where.at(prefix.rstrip('.') or '<top>')}: missing required key {prefix}{name}")
     try:
         return cls(**kwargs)
     except ConfigError as e:
-        raise ConfigError(f"{where.file}: {e}") from None
+        if e.key is not None:
+            raise ConfigError(f"{where.at(prefix + e.key)}: {e.detail}") from None
+        raise ConfigError(f"{where.at(prefix.rstrip('.')) if prefix else where.file}: {e}") from None
 
 
 def _convert(tp, value, where: Where, dotted: str):
@@ -228,6 +254,10 @@ def _convert(tp, value, where: Where, dotted: str):
             except ConfigError as e:
                 errors.append(str(e).split(": ", 2)[-1])
         raise ConfigError(f"{where.at(dotted)}: {' or '.join(errors)}")
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where.at(dotted)}: expected a list, got {_show(value)}")
+        return tuple(_convert(args[0], v, where, f"{dotted}.{i}") for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise ConfigError(f"{where.at(dotted)}: expected a list of {len(args)}, got {_show(value)}")
@@ -262,3 +292,200 @@ def _convert(tp, value, where: Where, dotted: str):
 
 def _show(value) -> str:
     return "nothing" if value is None else repr(value)
+
+
+# ----------------------------------------------------------------------------------------------- runs
+# Keys that cannot change a run's results, so they are left out of its identity: resume is bit-exact and
+# batches do not depend on the loader, so how often a run checkpoints or logs, or how many workers read its
+# data, does not matter. Sampling protocols live inside a run (samples/<protocol>.npz), not in its identity.
+# Where the data and the VAE live is not what they are (data.json in the run records that): moving a dataset
+# must not orphan its runs.
+NON_RESULT_KEYS = {"train": ("num_workers", "log_every", "ckpt_every", "keep_last"), "data": ("path", "vae")}
+
+
+def run_identity(cfg: RunConfig) -> dict:
+    """What a run's results depend on: the resolved model (preset + overrides), diffusion, data and training."""
+    from repro import models  # the registry resolves preset names into the constructor's arguments
+
+    family = models.family(cfg.model.name)
+    resolved = {k: list(v) if isinstance(v, tuple) else v
+                for k, v in {**family.presets[cfg.model.name], **cfg.model.overrides}.items()}
+    d = to_dict(cfg)
+    kept = {part: {k: v for k, v in d[part].items() if k not in NON_RESULT_KEYS.get(part, ())}
+            for part in ("diffusion", "data", "train")}
+    return {"model": {"family": family.name, **dict(sorted(resolved.items()))}, **kept}
+
+
+def run_id(cfg: RunConfig) -> str:
+    """Short stable id of a run's identity: the same training in two studies is one run, trained once."""
+    text = json.dumps(run_identity(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+# ----------------------------------------------------------------------------------------------- studies
+STAGES = ("train", "sample", "evaluate", "bench")
+
+
+@dataclass(frozen=True)
+class PaperRef:
+    """The paper table a study regenerates: experiments/paper/<file> and a table key in it."""
+
+    file: str
+    table: str
+
+
+@dataclass(frozen=True)
+class Step:
+    """One row of the study: a name, the label printed in the paper, the paper row, and config changes.
+
+    `extends` names an earlier step whose config this one starts from (the DiC roadmap is cumulative);
+    without it a step starts from the study's defaults.
+    """
+
+    name: str
+    label: str | None = None
+    row: str | None = None
+    extends: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Repeats of every step: one run per training seed (empty: the config's own seed)."""
+
+    seeds: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one run's jobs ask the cluster for; never part of a run's identity."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    cpus_per_task: int = 8
+    mem_gb: int = 64
+    time: str = "72:00:00"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Declared seconds per training step at the study's resources (for the GPU-hour estimate)."""
+
+    step_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class Study:
+    """A paper's table written once: defaults, steps (+ grid), sampling protocols, stages and resources."""
+
+    study: str
+    steps: tuple[Step, ...]
+    description: str = ""
+    paper: PaperRef | None = None
+    extends: str | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)
+    samples: tuple[dict[str, Any], ...] = ({},)
+    grid: Grid = field(default_factory=Grid)
+    stages: tuple[Literal["train", "sample", "evaluate", "bench"], ...] = ("train", "sample", "evaluate")
+    resources: Resources = field(default_factory=Resources)
+    cost: Cost = field(default_factory=Cost)
+
+
+@dataclass(frozen=True)
+class LoadedStudy:
+    """A validated study with its resolved step configs, and where it came from."""
+
+    study: Study
+    path: Path
+    configs: dict[str, RunConfig]           # step name -> resolved config (seed from the grid applied later)
+    samples: tuple[SampleConfig, ...]
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    """`top` over `base`, recursively for mappings; lists and scalars in `top` replace those in `base`."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_study_file(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[str, int], dict[str, str]]:
+    """A study file's data merged over the file it `extends`, with each key's line and origin file."""
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path))
+        raise ConfigError(f"{chain[-1]}: extends cycle: {cycle}")
+    data, lines = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: expected a mapping at the top, got {_show(data)}")
+    files = {k: str(path) for k in lines}
+    parent = data.get("extends")
+    if parent is None:
+        return data, lines, files
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}:{lines.get('extends', 1)}: extends: expected a relative file path")
+    parent_path = path.parent / parent
+    if not parent_path.is_file():
+        raise ConfigError(f"{path}:{lines.get('extends', 1)}: extends: file not found: {parent_path}")
+    base, base_lines, base_files = _read_study_file(parent_path, (*chain, path))
+    merged = deep_merge(base, {k: v for k, v in data.items() if k != "extends"})
+    return merged, {**base_lines, **lines}, {**base_files, **files}
+
+
+def load_study(path: str | Path) -> LoadedStudy:
+    """Read and validate a study strictly: every step's config is resolved and checked before anything runs."""
+    path = Path(path)
+    if path.suffix not in (".yaml", ".yml"):
+        raise ConfigError(f"{path}: a study is a .yaml file")
+    data, lines, files = _read_study_file(path, ())
+    where = Where(str(path), lines, files)
+    study = from_dict(Study, data, where)
+    if not study.study.replace("_", "").replace("-", "").isalnum():
+        raise ConfigError(f"{where.at('study')}: use letters, digits, '_' and '-' only, got {study.study!r}")
+    if not study.steps:
+        raise ConfigError(f"{where.at('steps')}: a study needs at least one step")
+    from_dict(RunConfig, study.defaults, where, "defaults.")
+    configs: dict[str, RunConfig] = {}
+    raw: dict[str, dict] = {}
+    for i, step in enumerate(study.steps):
+        key = f"steps.{i}"
+        if step.name in raw:
+            raise ConfigError(f"{where.at(key + '.name')}: step name {step.name!r} is used twice")
+        if step.extends is not None and step.extends not in raw:
+            raise ConfigError(f"{where.at(key + '.extends')}: {step.extends!r} is not an earlier step"
+                              f"{did_you_mean(step.extends, raw)}")
+        from_dict(RunConfig, step.config, where, f"{key}.config.")  # types and keys, with this step's lines
+        start = raw[step.extends] if step.extends is not None else study.defaults
+        raw[step.name] = deep_merge(start, step.config)
+        configs[step.name] = from_dict(RunConfig, raw[step.name], where, f"{key}.config.")
+        _check_model(configs[step.name], where, f"{key}.config.model")
+    samples = []
+    for i, proto in enumerate(study.samples):
+        sample_raw = deep_merge(study.defaults.get("sample", {}), proto)
+        samples.append(from_dict(SampleConfig, sample_raw, where, f"samples.{i}."))
+    return LoadedStudy(study=study, path=path, configs=configs, samples=tuple(samples))
+
+
+_CHECKED_MODELS: dict[str, str | None] = {}
+
+
+def _check_model(cfg: RunConfig, where: Where, dotted: str) -> None:
+    """Build the model once on the meta device (cached), so a bad preset or switch fails at plan time."""
+    import torch
+
+    from repro import models
+
+    key = json.dumps([cfg.model.name, to_dict(cfg)["model"]["overrides"]], sort_keys=True)
+    if key not in _CHECKED_MODELS:
+        try:
+            with torch.device("meta"):
+                models.build(cfg.model.name, **cfg.model.overrides)
+            _CHECKED_MODELS[key] = None
+        except (ValueError, TypeError) as e:
+            _CHECKED_MODELS[key] = str(e)
+    if _CHECKED_MODELS[key] is not None:
+        raise ConfigError(f"{where.at(dotted)}: {_CHECKED_MODELS[key]}")

@@ -54,8 +54,6 @@ def sample(run_dir: str | Path, overrides: dict | None = None, progress: bool = 
     run_dir = Path(run_dir)
     cfg = load_run(run_dir)
     s = dataclasses.replace(cfg.sample, **(overrides or {}))
-    if s.num_samples < 1 or s.per_proc_batch < 1:
-        raise ConfigError("sample: num_samples and per_proc_batch must be >= 1")
     paths = rundir.RunPaths(run_dir)
     ckpt = rundir.latest_checkpoint(paths)
     if ckpt is None:

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 from repro import distributed, models, rundir
-from repro.config import ConfigError, RunConfig, config_hash, to_dict
+from repro.config import ConfigError, RunConfig, Where, config_hash, from_dict, run_id, run_identity, to_dict
 from repro.data import LATENT_SCALE, VAE, build_dataset
 from repro.diffusion import create_diffusion
 
@@ -95,13 +95,17 @@ def make_dataset(cfg: RunConfig):
 
 
 def check_run_dir(paths: rundir.RunPaths, cfg: RunConfig) -> bool:
-    """True if the folder already holds this run; ConfigError if it holds another (never mix two configs)."""
+    """True if the folder already holds this run; ConfigError if it holds another (never mix two runs).
+
+    Runs are compared by identity (`config.run_identity`): how often a run logs or checkpoints may change
+    between launches, what it trains may not.
+    """
     if not paths.config.exists():
         return False
-    existing = yaml.safe_load(paths.config.read_text())
-    if existing.get("config") != to_dict(cfg):
-        raise ConfigError(f"{paths.config}: the run folder holds another configuration "
-                          f"(hash {existing.get('config_hash')} vs {config_hash(cfg)}); use a new --out")
+    existing = from_dict(RunConfig, yaml.safe_load(paths.config.read_text())["config"], Where(str(paths.config)))
+    if run_identity(existing) != run_identity(cfg):
+        raise ConfigError(f"{paths.config}: the run folder holds another run "
+                          f"({run_id(existing)}, this config is {run_id(cfg)}); use a new --out")
     return True
 
 
@@ -143,7 +147,7 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None) -> 
     exists = check_run_dir(paths, cfg)  # on every rank, so a mismatch stops them all rather than hang one
     distributed.barrier(env)
     if env.is_main and not exists:
-        record = {"config_hash": config_hash(cfg), "config": to_dict(cfg)}
+        record = {"run_id": run_id(cfg), "config_hash": config_hash(cfg), "config": to_dict(cfg)}
         rundir.atomic_write_text(paths.config, yaml.safe_dump(record, sort_keys=False))
     if env.is_main:  # which data, and pixels / pre-extracted / on-the-fly latents: a confound between arms
         rundir.atomic_write_text(paths.train / "data.json", json.dumps(described, indent=2) + "\n")

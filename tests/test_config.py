@@ -37,8 +37,8 @@ def test_values_and_types(tmp_path):
     ("sample:\n  guide_channels: two\n", "run.yaml:2: sample.guide_channels: expected an integer"),
     ("train: 5\n", "run.yaml:1: train: expected a mapping, got 5"),
     ("trian:\n  steps: 1\n", "run.yaml:1: trian: unknown key (did you mean train?)"),
-    ("train:\n  steps: 0\n", "train.steps: must be >= 1, got 0"),
-    ("sample:\n  cfg_scale: 0.5\n", "sample.cfg_scale: must be >= 1"),
+    ("train:\n  steps: 0\n", "run.yaml:2: train.steps: must be >= 1, got 0"),
+    ("sample:\n  cfg_scale: 0.5\n", "run.yaml:2: sample.cfg_scale: must be >= 1"),
     ("model: [1, 2\n", "run.yaml:2: not valid YAML"),
 ])
 def test_mistakes_are_one_line_with_file_line_and_key(tmp_path, text, message):

@@ -194,7 +194,7 @@ def test_run_folder_refuses_another_config(tmp_path):
     cfg = from_dict(RunConfig, yaml.safe_load(_config(tmp_path, steps=2, ckpt_every=2).read_text()))
     train(cfg, tmp_path / "run", progress=False)
     other = from_dict(RunConfig, yaml.safe_load(_config(tmp_path, steps=3, ckpt_every=3).read_text()))
-    with pytest.raises(ValueError, match="holds another configuration"):
+    with pytest.raises(ValueError, match="holds another run"):
         train(other, tmp_path / "run", progress=False)
     train(cfg, tmp_path / "run", progress=False)  # the same config again: nothing to do, no error
 

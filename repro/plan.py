@@ -1,0 +1,189 @@
+"""Study -> runs and stages. A run is identified by what its results depend on, so a run named by several
+studies (the DiT-XL/2 baseline of the DiC roadmap and of the DiCo ablation, at the same protocol) is one run,
+trained once, in results/runs/<run-id>/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from repro import rundir
+from repro.config import ConfigError, LoadedStudy, RunConfig, SampleConfig, load_study, run_id, to_dict
+
+RESULTS_ENV = "REPRO_RESULTS"
+LAST_STUDY = ".last_study"
+
+
+def results_root(explicit: str | Path | None = None) -> Path:
+    """--results, else $REPRO_RESULTS, else ./results (on SLURM it must be on a shared filesystem)."""
+    return Path(explicit or os.environ.get(RESULTS_ENV) or "results")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One job of a run: what it does, what it waits for, and what it asks the cluster for."""
+
+    name: str                      # train | sample:<protocol> | evaluate:<protocol> | bench
+    after: tuple[str, ...]
+    gpus: int
+    nodes: int
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of a study, with its sampling protocols and stages."""
+
+    id: str
+    step: str
+    label: str
+    row: str | None
+    seed: int
+    config: RunConfig
+    samples: tuple[SampleConfig, ...]
+    stages: tuple[Stage, ...]
+    switches: dict
+    gpu_hours: float | None
+
+    @property
+    def model(self) -> str:
+        return self.config.model.name
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The runs of one study, in the study's step order (grid seeds within a step)."""
+
+    study: LoadedStudy
+    runs: tuple[Run, ...]
+
+
+def expand(loaded: LoadedStudy) -> Plan:
+    """Study -> runs: each step x grid seed, with resolved configs, ids, stages and a GPU-hour estimate."""
+    from repro.sample import protocol_id
+
+    s = loaded.study
+    runs = []
+    for step in s.steps:
+        base = loaded.configs[step.name]
+        for seed in s.grid.seeds or (base.train.seed,):
+            cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, seed=seed))
+            stages = []
+            if "train" in s.stages:
+                stages.append(Stage("train", (), s.resources.gpus_per_node, s.resources.nodes))
+            for proto in loaded.samples:
+                pid = protocol_id(proto)
+                if "sample" in s.stages:
+                    stages.append(Stage(f"sample:{pid}", ("train",) if "train" in s.stages else (),
+                                        s.resources.gpus_per_node, 1))
+                if "evaluate" in s.stages:
+                    stages.append(Stage(f"evaluate:{pid}", (f"sample:{pid}",) if "sample" in s.stages else (),
+                                        1, 1))
+            if "bench" in s.stages:
+                stages.append(Stage("bench", (), 1, 1))
+            hours = None
+            if s.cost.step_seconds is not None and "train" in s.stages:
+                gpus = s.resources.gpus_per_node * s.resources.nodes
+                hours = cfg.train.steps * s.cost.step_seconds * gpus / 3600
+            runs.append(Run(id=run_id(cfg), step=step.name, label=step.label or step.name, row=step.row, seed=seed,
+                            config=cfg, samples=loaded.samples, stages=tuple(stages), switches=_switches(cfg),
+                            gpu_hours=hours))
+    ids = [r.id for r in runs]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        names = [f"{r.step} (seed {r.seed})" for r in runs if r.id in dup]
+        raise ConfigError(f"{loaded.path}: steps {', '.join(names)} are the same run ({', '.join(dup)}); "
+                          f"a study must not list one configuration twice")
+    return Plan(study=loaded, runs=tuple(runs))
+
+
+def _switches(cfg: RunConfig) -> dict:
+    """Model switches that differ from the preset the step names (the paper's model)."""
+    from repro import models
+
+    preset = models.PRESETS[cfg.model.name]
+    out = {}
+    for k, v in cfg.model.overrides.items():
+        if preset.get(k) != v and not (isinstance(v, tuple) and tuple(preset.get(k, ())) == v):
+            out[k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- status
+def stage_states(run: Run, root: Path) -> dict[str, dict]:
+    """What the run folder says about each stage: state (new / partial / done) and progress."""
+
+    paths = rundir.RunPaths(root / "runs" / run.id)
+    out = {}
+    for stage in run.stages:
+        if stage.name == "train":
+            steps = rundir.checkpoint_steps(paths)
+            done_step = steps[-1] if steps else 0
+            last = _last_metrics(paths.metrics)
+            state = "done" if done_step >= run.config.train.steps else ("partial" if steps or last else "new")
+            info = {"state": state, "step": max(done_step, last.get("step", 0)), "total": run.config.train.steps,
+                    "loss": last.get("loss")}
+            rate = last.get("steps_per_s")
+            if state != "done" and rate:
+                info["eta_s"] = (run.config.train.steps - info["step"]) / rate
+            out["train"] = info
+        elif stage.name.startswith("sample:"):
+            pid = stage.name.split(":", 1)[1]
+            npz = paths.samples / f"{pid}.npz"
+            shards = list(paths.samples.glob(f".{pid}.*.shards/*.npz")) if paths.samples.is_dir() else []
+            out[stage.name] = {"state": "done" if npz.with_suffix(".json").exists() else
+                               ("partial" if shards else "new")}
+        elif stage.name.startswith("evaluate:"):
+            pid = stage.name.split(":", 1)[1]
+            out[stage.name] = {"state": "done" if (paths.root / "eval" / f"{pid}.json").exists() else "new"}
+        elif stage.name == "bench":
+            out[stage.name] = {"state": "done" if (paths.root / "bench.json").exists() else "new"}
+    assert set(out) == {s.name for s in run.stages}
+    return out
+
+
+def run_status(states: dict[str, dict]) -> str:
+    values = {s["state"] for s in states.values()}
+    return "done" if values == {"done"} else ("new" if values == {"new"} else "partial")
+
+
+def _last_metrics(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    return json.loads(lines[-1]) if lines else {}
+
+
+def remember(study_path: Path, root: Path) -> None:
+    """Record the study planned last, for `repro submit/status/report` with no study named."""
+    rundir.atomic_write_text(root / LAST_STUDY, str(study_path.resolve()) + "\n")
+
+
+def last_study(root: Path) -> Path:
+    marker = root / LAST_STUDY
+    if not marker.exists():
+        raise ConfigError(f"no study named and none planned yet under {root} (run `repro plan STUDY.yaml` first)")
+    return Path(marker.read_text().strip())
+
+
+def plan_json(plan: Plan, root: Path) -> dict:
+    """The plan as plain data (`repro plan --json`)."""
+    runs = []
+    for r in plan.runs:
+        states = stage_states(r, root)
+        runs.append({"id": r.id, "step": r.step, "label": r.label, "row": r.row, "seed": r.seed, "model": r.model,
+                     "switches": r.switches, "config": to_dict(r.config),
+                     "samples": [to_dict(p) for p in r.samples],
+                     "stages": [{"name": s.name, "after": list(s.after), "gpus": s.gpus, "nodes": s.nodes,
+                                 **states[s.name]} for s in r.stages],
+                     "status": run_status(states), "gpu_hours": r.gpu_hours})
+    s = plan.study.study
+    return {"study": s.study, "file": str(plan.study.path), "paper": dataclasses.asdict(s.paper) if s.paper else None,
+            "results": str(root), "runs": runs}
+
+
+__all__ = ["Plan", "Run", "Stage", "expand", "last_study", "load_study", "plan_json", "remember", "results_root",
+           "run_status", "stage_states"]

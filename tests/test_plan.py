@@ -1,0 +1,151 @@
+"""Studies and the planner: stable, deduplicated run ids; cumulative steps; strict, one-line errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from repro.cli import main
+from repro.config import ConfigError, load_study
+from repro.plan import expand
+
+ROADMAP = Path(__file__).parent.parent / "experiments" / "dic_roadmap.yaml"
+
+
+def _plan_json(capsys, study, results):
+    assert main(["plan", str(study), "--json", "--results", str(results)]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_roadmap_plans_nine_distinct_cumulative_runs(capsys, tmp_path):
+    data = _plan_json(capsys, ROADMAP, tmp_path)
+    runs = data["runs"]
+    assert len(runs) == 9 and len({r["id"] for r in runs}) == 9
+    assert all(r["status"] == "new" for r in runs)
+    changed = []
+    for a, b in zip(runs[:8], runs[1:8], strict=False):
+        oa, ob = a["config"]["model"]["overrides"], b["config"]["model"]["overrides"]
+        changed.append(sorted(k for k in set(oa) | set(ob) if oa.get(k) != ob.get(k)))
+    assert changed == [["arch", "depths"], ["arch", "depths", "skip_stride"], ["depths", "skip_stride"],
+                       ["cond_embed"], ["inject"], ["gate"], ["act"]]
+    assert runs[7]["switches"] == {}  # the last step is DiC-XL itself
+    assert [s["name"] for s in runs[0]["stages"]][:3] == ["train", "sample:ddpm250-cfg1.5-g3-uniform-n50000-seed0",
+                                                          "evaluate:ddpm250-cfg1.5-g3-uniform-n50000-seed0"]
+    assert runs[0]["gpu_hours"] == pytest.approx(200_000 * 1.0 * 8 / 3600)
+
+
+def _write(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False) if not isinstance(data, str) else data)
+    return path
+
+
+def _other_study(tmp_path, **train):
+    roadmap = yaml.safe_load(ROADMAP.read_text())
+    defaults = {**roadmap["defaults"], "train": {**roadmap["defaults"]["train"], **train}}
+    return _write(tmp_path, "other.yaml", {"study": "other", "defaults": defaults, "steps": [
+        {"name": "baseline", "label": "DiT-XL/2", "config": {"model": {"name": "DiT-XL/2"}}},
+        {"name": "dic", "config": {"model": {"name": "DiC-XL"}}}]})
+
+
+def test_same_run_in_two_studies_is_one_run(tmp_path):
+    roadmap = {r.step: r.id for r in expand(load_study(ROADMAP)).runs}
+    other = {r.step: r.id for r in expand(load_study(_other_study(tmp_path))).runs}
+    assert other["baseline"] == roadmap["dit_xl2"]
+    assert other["dic"] == roadmap["gelu"]  # DiC-XL named directly == the roadmap's last step
+    # changing what only logging and checkpoints touch keeps the ids; the learning rate changes them
+    same = {r.step: r.id for r in expand(load_study(_other_study(tmp_path, log_every=7, ckpt_every=1000))).runs}
+    assert same == other
+    lr = {r.step: r.id for r in expand(load_study(_other_study(tmp_path, lr=2e-4))).runs}
+    assert lr["baseline"] != other["baseline"] and lr["dic"] != other["dic"]
+
+
+def test_ids_are_stable_and_resources_do_not_change_them(tmp_path):
+    first = [r.id for r in expand(load_study(ROADMAP)).runs]
+    assert [r.id for r in expand(load_study(ROADMAP)).runs] == first
+    data = yaml.safe_load(ROADMAP.read_text())
+    data["resources"] = {"nodes": 4, "gpus_per_node": 4, "partition": "gpu", "time": "12:00:00"}
+    data["paper"]["file"] = str(ROADMAP.parent / "paper" / "dic.yaml")
+    moved = _write(tmp_path, "roadmap.yaml", data)
+    assert [r.id for r in expand(load_study(moved)).runs] == first
+
+
+def test_grid_seeds_and_extends_file(tmp_path):
+    _other_study(tmp_path)
+    child = _write(tmp_path, "child.yaml", {"extends": "other.yaml", "study": "child", "grid": {"seeds": [0, 1, 2]},
+                                            "defaults": {"train": {"steps": 100}}})
+    plan = expand(load_study(child))
+    assert len(plan.runs) == 6 and {r.seed for r in plan.runs} == {0, 1, 2}
+    assert all(r.config.train.steps == 100 and r.config.train.global_batch == 256 for r in plan.runs)
+
+
+def test_plan_remembers_the_study_for_status(capsys, tmp_path):
+    _plan_json(capsys, ROADMAP, tmp_path)
+    assert main(["status", "--json", "--results", str(tmp_path)]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["study"] == "dic_roadmap" and len(status["runs"]) == 9
+
+
+BASE = "study: s\nsteps:\n  - name: a\n    config: {model: {name: DiC-S}}\n"
+MALFORMED = [
+    ("unknown top key", BASE + "stepz: []\n", "x.yaml:5: stepz: unknown key (did you mean steps?)"),
+    ("unknown config key", "study: s\nsteps:\n  - name: a\n    config: {trian: {}}\n",
+     "x.yaml:4: steps.0.config.trian"),
+    ("wrong type", "study: s\ndefaults:\n  train: {lr: fast}\nsteps:\n  - name: a\n", "x.yaml:3: defaults.train.lr"),
+    ("bad enum", "study: s\ndefaults:\n  sample: {labels: random}\nsteps: [{name: a}]\n", "defaults.sample.labels"),
+    ("missing steps", "study: s\n", "missing required key steps"),
+    ("missing study", "steps: [{name: a}]\n", "missing required key study"),
+    ("missing step name", "study: s\nsteps:\n  - label: x\n", "x.yaml:3: steps.0: missing required key"),
+    ("unknown model", "study: s\nsteps:\n  - name: a\n    config: {model: {name: DiC-XXL}}\n",
+     "unknown model 'DiC-XXL'"),
+    ("bad switch", "study: s\nsteps:\n  - name: a\n    config: {model: {name: DiC-S, overrides: {act: relu}}}\n",
+     "x.yaml:4: steps.0.config.model: act='relu'"),
+    ("extends unknown step", BASE + "  - name: b\n    extends: c\n",
+     "x.yaml:6: steps.1.extends: 'c' is not an earlier step"),
+    ("duplicate step", BASE + "  - name: a\n", "x.yaml:5: steps.1.name: step name 'a' is used twice"),
+    ("same run twice", BASE + "  - name: b\n    config: {model: {name: DiC-S}}\n", "are the same run"),
+    ("bad stage", BASE + "stages: [train, deploy]\n", "x.yaml:5: stages.1: 'deploy' is not one of"),
+    ("bad resources", BASE + "resources: {gpus: 8}\n", "resources.gpus: unknown key (did you mean gpus_per_node?)"),
+    ("yaml syntax", "study: [s\n", "not valid YAML"),
+    ("tab indentation", "study: s\nsteps:\n\t- name: a\n", "not valid YAML"),
+    ("empty file", "", "missing required key"),
+    ("not a mapping", "- 1\n- 2\n", "expected a mapping"),
+    ("extends missing file", "extends: nope.yaml\n" + BASE, "extends: file not found"),
+    ("bad seeds", BASE + "grid: {seeds: [0, x]}\n", "grid.seeds.1: expected an integer"),
+    ("bad name", "study: 'a b'\nsteps: [{name: a}]\n", "x.yaml:1: study: use letters"),
+    ("duplicate key", BASE + "study: t\n", "x.yaml:5: study: duplicate key"),
+    ("duplicate nested key", "study: s\ndefaults:\n  train: {lr: 1.0e-4, lr: 2.0e-4}\nsteps: [{name: a}]\n",
+     "x.yaml:3: defaults.train.lr: duplicate key"),
+    ("negative steps", "study: s\ndefaults:\n  train: {steps: -1}\nsteps: [{name: a}]\n", "train.steps: must be >= 1"),
+    ("config not a mapping", "study: s\nsteps:\n  - name: a\n    config: [1]\n", "steps.0.config: expected a mapping"),
+    ("paper not a mapping", BASE + "paper: dic.yaml\n", "x.yaml:5: paper: expected a mapping"),
+    ("unsafe tag", "study: !!python/object/apply:os.system [ls]\nsteps: [{name: a}]\n", "not valid YAML"),
+    ("bad cost", BASE + "cost: {step_seconds: slow}\n", "cost.step_seconds: expected a number"),
+    ("bad samples", BASE + "samples: [{cfg_scale: 0.5}]\n", "cfg_scale"),
+    ("samples unknown key", BASE + "samples: [{cfg: 1.5}]\n", "x.yaml:5: samples.0.cfg: unknown key"),
+]
+
+
+@pytest.mark.parametrize("text,needle", [(t, n) for _, t, n in MALFORMED], ids=[m[0] for m in MALFORMED])
+def test_malformed_studies_give_one_line_errors_and_write_nothing(tmp_path, capsys, text, needle):
+    study = _write(tmp_path, "x.yaml", text)
+    results = tmp_path / "results"
+    assert main(["plan", str(study), "--results", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not results.exists()
+
+
+def test_extends_cycle(tmp_path):
+    _write(tmp_path, "a.yaml", "extends: b.yaml\n" + BASE)
+    _write(tmp_path, "b.yaml", "extends: a.yaml\n" + BASE)
+    with pytest.raises(ConfigError, match="extends cycle"):
+        load_study(tmp_path / "a.yaml")
+
+
+def test_non_utf8_file(tmp_path, capsys):
+    (tmp_path / "x.yaml").write_bytes(b"study: \xff\xfe\n")
+    assert main(["plan", str(tmp_path / "x.yaml"), "--results", str(tmp_path / "r")]) == 2
+    assert "x.yaml:1: not UTF-8 text (byte 0xff)" in capsys.readouterr().err
