@@ -318,7 +318,11 @@ def run_identity(cfg: RunConfig) -> dict:
 
 def run_id(cfg: RunConfig) -> str:
     """Short stable id of a run's identity: the same training in two studies is one run, trained once."""
-    text = json.dumps(run_identity(cfg), sort_keys=True, separators=(",", ":"))
+    return identity_id(run_identity(cfg))
+
+
+def identity_id(identity: dict) -> str:
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
@@ -475,15 +479,12 @@ _CHECKED_MODELS: dict[str, str | None] = {}
 
 def _check_model(cfg: RunConfig, where: Where, dotted: str) -> None:
     """Build the model once on the meta device (cached), so a bad preset or switch fails at plan time."""
-    import torch
-
     from repro import models
 
     key = json.dumps([cfg.model.name, to_dict(cfg)["model"]["overrides"]], sort_keys=True)
     if key not in _CHECKED_MODELS:
         try:
-            with torch.device("meta"):
-                models.build(cfg.model.name, **cfg.model.overrides)
+            models.build_meta(cfg.model.name, **cfg.model.overrides)
             _CHECKED_MODELS[key] = None
         except (ValueError, TypeError) as e:
             _CHECKED_MODELS[key] = str(e)

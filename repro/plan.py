@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from repro import rundir
-from repro.config import ConfigError, LoadedStudy, RunConfig, SampleConfig, load_study, run_id, to_dict
+from repro.config import (ConfigError, LoadedStudy, RunConfig, SampleConfig, identity_id, load_study, run_identity,
+                          to_dict)
 
 RESULTS_ENV = "REPRO_RESULTS"
 LAST_STUDY = ".last_study"
@@ -43,6 +44,7 @@ class Run:
     row: str | None
     seed: int
     config: RunConfig
+    config_dict: dict                  # to_dict(config), computed once per step (plans can hold 10^4 runs)
     samples: tuple[SampleConfig, ...]
     stages: tuple[Stage, ...]
     switches: dict
@@ -69,8 +71,11 @@ def expand(loaded: LoadedStudy) -> Plan:
     runs = []
     for step in s.steps:
         base = loaded.configs[step.name]
+        base_identity, base_dict, switches = run_identity(base), to_dict(base), _switches(base)
         for seed in s.grid.seeds or (base.train.seed,):
             cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, seed=seed))
+            identity = {**base_identity, "train": {**base_identity["train"], "seed": seed}}
+            cfg_dict = {**base_dict, "train": {**base_dict["train"], "seed": seed}}
             stages = []
             if "train" in s.stages:
                 stages.append(Stage("train", (), s.resources.gpus_per_node, s.resources.nodes))
@@ -88,9 +93,9 @@ def expand(loaded: LoadedStudy) -> Plan:
             if s.cost.step_seconds is not None and "train" in s.stages:
                 gpus = s.resources.gpus_per_node * s.resources.nodes
                 hours = cfg.train.steps * s.cost.step_seconds * gpus / 3600
-            runs.append(Run(id=run_id(cfg), step=step.name, label=step.label or step.name, row=step.row, seed=seed,
-                            config=cfg, samples=loaded.samples, stages=tuple(stages), switches=_switches(cfg),
-                            gpu_hours=hours))
+            runs.append(Run(id=identity_id(identity), step=step.name, label=step.label or step.name, row=step.row,
+                            seed=seed, config=cfg, config_dict=cfg_dict, samples=loaded.samples,
+                            stages=tuple(stages), switches=switches, gpu_hours=hours))
     ids = [r.id for r in runs]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -117,6 +122,8 @@ def stage_states(run: Run, root: Path) -> dict[str, dict]:
     """What the run folder says about each stage: state (new / partial / done) and progress."""
 
     paths = rundir.RunPaths(root / "runs" / run.id)
+    if not paths.root.exists():  # most runs of a fresh plan: no need to look further
+        return {stage.name: _new(stage, run) for stage in run.stages}
     out = {}
     for stage in run.stages:
         if stage.name == "train":
@@ -143,6 +150,12 @@ def stage_states(run: Run, root: Path) -> dict[str, dict]:
             out[stage.name] = {"state": "done" if (paths.root / "bench.json").exists() else "new"}
     assert set(out) == {s.name for s in run.stages}
     return out
+
+
+def _new(stage: Stage, run: Run) -> dict:
+    if stage.name == "train":
+        return {"state": "new", "step": 0, "total": run.config.train.steps, "loss": None}
+    return {"state": "new"}
 
 
 def run_status(states: dict[str, dict]) -> str:
@@ -172,11 +185,11 @@ def last_study(root: Path) -> Path:
 def plan_json(plan: Plan, root: Path) -> dict:
     """The plan as plain data (`repro plan --json`)."""
     runs = []
+    samples = [to_dict(p) for p in plan.study.samples]
     for r in plan.runs:
         states = stage_states(r, root)
         runs.append({"id": r.id, "step": r.step, "label": r.label, "row": r.row, "seed": r.seed, "model": r.model,
-                     "switches": r.switches, "config": to_dict(r.config),
-                     "samples": [to_dict(p) for p in r.samples],
+                     "switches": r.switches, "config": r.config_dict, "samples": samples,
                      "stages": [{"name": s.name, "after": list(s.after), "gpus": s.gpus, "nodes": s.nodes,
                                  **states[s.name]} for s in r.stages],
                      "status": run_status(states), "gpu_hours": r.gpu_hours})

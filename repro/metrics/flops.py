@@ -141,8 +141,7 @@ def preset_rows(names: list[str] | None = None, resolution: int = 256) -> list[d
     rows = []
     for name in names or list(models.PRESETS):
         fam = models.family(name)
-        with torch.device("meta"):
-            model = models.build(name, input_size=latent)
+        model = models.build_meta(name, input_size=latent)
         c = count(model)
         paper = models.published(name)
         paper_gmacs = paper.get(f"gmacs_{resolution}")

@@ -6,6 +6,7 @@ an override can never be swallowed, and an unknown switch or value is an error t
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 
@@ -64,9 +65,35 @@ def build(name: str, **overrides) -> nn.Module:
     return fam.cls(**{**fam.presets[name], **overrides})
 
 
+_INIT_FUNCTIONS = ("normal_", "trunc_normal_", "uniform_", "xavier_uniform_", "kaiming_uniform_", "zeros_", "ones_",
+                   "constant_")
+
+
+@contextlib.contextmanager
+def _no_init():
+    # Initialising meta tensors goes through torch's Python reference ops, whose first use costs about a second;
+    # shapes are all that validation and counting need.
+    saved = {n: getattr(nn.init, n) for n in _INIT_FUNCTIONS}
+    try:
+        for n in _INIT_FUNCTIONS:
+            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
+def build_meta(name: str, **overrides) -> nn.Module:
+    """`build` on the meta device without initialising weights: for validating configs and counting."""
+    import torch
+
+    with torch.device("meta"), _no_init():
+        return build(name, **overrides)
+
+
 def published(name: str) -> dict:
     """The counts the papers print for a preset (empty when they print none)."""
     return dict(family(name).published.get(name, {}))
 
 
-__all__ = ["FAMILIES", "PRESETS", "Denoiser", "build", "family", "published", "switches"]
+__all__ = ["FAMILIES", "PRESETS", "Denoiser", "build", "build_meta", "family", "published", "switches"]

@@ -59,7 +59,9 @@ class DiT(Denoiser):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         grid = input_size // patch_size
         # Fixed sin-cos table stored as a frozen parameter, as DiT does (it is counted in DiT's 675M).
-        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(hidden_size, grid)[None], requires_grad=False)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, hidden_size), requires_grad=False)
+        with torch.no_grad():
+            self.pos_embed.copy_(sincos_pos_embed_2d(hidden_size, grid)[None])
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.skip_linears = nn.ModuleList([nn.Linear(2 * hidden_size, hidden_size) for _ in range(long_skips)])
         self.final_layer = TokenFinalLayer(hidden_size, hidden_size, patch_size * patch_size * self.out_channels)

@@ -208,9 +208,9 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
     """Fixed 2-D sin-cos position table (MAE / DiT `get_2d_sincos_pos_embed`), computed in float64."""
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
-    coords = torch.arange(grid, dtype=torch.float64)
+    coords = torch.arange(grid, dtype=torch.float64, device="cpu")  # computed on the CPU even for meta models
     gw, gh = torch.meshgrid(coords, coords, indexing="xy")                   # numpy meshgrid(w, h) order
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64, device="cpu") / (dim / 4))
 
     def one_axis(pos: torch.Tensor) -> torch.Tensor:
         out = pos.reshape(-1)[:, None] * omega[None]                          # (grid*grid, dim/4)
