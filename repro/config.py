@@ -467,11 +467,31 @@ def load_study(path: str | Path) -> LoadedStudy:
         raw[step.name] = deep_merge(start, step.config)
         configs[step.name] = from_dict(RunConfig, raw[step.name], where, f"{key}.config.")
         _check_model(configs[step.name], where, f"{key}.config.model")
+    if study.paper is not None:
+        _check_paper_rows(study, path, where)
     samples = []
     for i, proto in enumerate(study.samples):
         sample_raw = deep_merge(study.defaults.get("sample", {}), proto)
         samples.append(from_dict(SampleConfig, sample_raw, where, f"samples.{i}."))
     return LoadedStudy(study=study, path=path, configs=configs, samples=tuple(samples))
+
+
+def _check_paper_rows(study: Study, path: Path, where: Where) -> None:
+    """The paper table exists and every step's row is in it (experiments/paper/*.yaml)."""
+    from repro.paper import load_paper
+
+    paper_path = path.parent / study.paper.file
+    if not paper_path.is_file():
+        raise ConfigError(f"{where.at('paper.file')}: file not found: {paper_path}")
+    paper = load_paper(paper_path)
+    if study.paper.table not in paper.tables:
+        raise ConfigError(f"{where.at('paper.table')}: no table {study.paper.table!r} in {paper_path}"
+                          f"{did_you_mean(study.paper.table, paper.tables)}")
+    rows = paper.tables[study.paper.table].rows
+    for i, step in enumerate(study.steps):
+        if step.row is not None and step.row not in rows:
+            raise ConfigError(f"{where.at(f'steps.{i}.row')}: no row {step.row!r} in {paper_path} table "
+                              f"{study.paper.table!r}{did_you_mean(step.row, rows)}")
 
 
 _CHECKED_MODELS: dict[str, str | None] = {}

@@ -124,7 +124,19 @@ MALFORMED = [
     ("bad cost", BASE + "cost: {step_seconds: slow}\n", "cost.step_seconds: expected a number"),
     ("bad samples", BASE + "samples: [{cfg_scale: 0.5}]\n", "cfg_scale"),
     ("samples unknown key", BASE + "samples: [{cfg: 1.5}]\n", "x.yaml:5: samples.0.cfg: unknown key"),
+    ("paper file missing", BASE + "paper: {file: nope.yaml, table: t}\n", "x.yaml:5: paper.file: file not found"),
 ]
+
+
+def test_paper_rows_are_checked(tmp_path, capsys):
+    paper = ROADMAP.parent / "paper" / "dic.yaml"
+    bad_table = BASE + f"paper: {{file: {paper}, table: roadmapp}}\n"
+    bad_row = ("study: s\nsteps:\n  - name: a\n    row: step9\n    config: {model: {name: DiC-S}}\n"
+               f"paper: {{file: {paper}, table: roadmap}}\n")
+    for text, needle in ((bad_table, "no table 'roadmapp'"), (bad_row, "x.yaml:4: steps.0.row: no row 'step9'")):
+        study = _write(tmp_path, "x.yaml", text)
+        assert main(["plan", str(study), "--results", str(tmp_path / "r")]) == 2
+        assert needle in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text,needle", [(t, n) for _, t, n in MALFORMED], ids=[m[0] for m in MALFORMED])
