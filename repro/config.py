@@ -348,7 +348,7 @@ class Step:
 
     name: str
     label: str | None = None
-    row: str | None = None
+    row: str | tuple[str, ...] | None = None  # paper row key(s); "table/row" names another table of the paper
     extends: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -487,11 +487,23 @@ def _check_paper_rows(study: Study, path: Path, where: Where) -> None:
     if study.paper.table not in paper.tables:
         raise ConfigError(f"{where.at('paper.table')}: no table {study.paper.table!r} in {paper_path}"
                           f"{did_you_mean(study.paper.table, paper.tables)}")
-    rows = paper.tables[study.paper.table].rows
     for i, step in enumerate(study.steps):
-        if step.row is not None and step.row not in rows:
-            raise ConfigError(f"{where.at(f'steps.{i}.row')}: no row {step.row!r} in {paper_path} table "
-                              f"{study.paper.table!r}{did_you_mean(step.row, rows)}")
+        for ref in step_rows(step):
+            table, _, row = ref.rpartition("/")
+            table = table or study.paper.table
+            if table not in paper.tables:
+                raise ConfigError(f"{where.at(f'steps.{i}.row')}: no table {table!r} in {paper_path}"
+                                  f"{did_you_mean(table, paper.tables)}")
+            if row not in paper.tables[table].rows:
+                raise ConfigError(f"{where.at(f'steps.{i}.row')}: no row {row!r} in {paper_path} table "
+                                  f"{table!r}{did_you_mean(row, paper.tables[table].rows)}")
+
+
+def step_rows(step: Step) -> tuple[str, ...]:
+    """The paper rows a step reproduces (one run can stand for rows of two tables, e.g. DiCo's DiT (U-shape))."""
+    if step.row is None:
+        return ()
+    return (step.row,) if isinstance(step.row, str) else step.row
 
 
 _CHECKED_MODELS: dict[str, str | None] = {}

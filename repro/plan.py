@@ -13,7 +13,7 @@ from pathlib import Path
 
 from repro import rundir
 from repro.config import (ConfigError, LoadedStudy, RunConfig, SampleConfig, identity_id, load_study, run_identity,
-                          to_dict)
+                          step_rows, to_dict)
 
 RESULTS_ENV = "REPRO_RESULTS"
 LAST_STUDY = ".last_study"
@@ -41,7 +41,7 @@ class Run:
     id: str
     step: str
     label: str
-    row: str | None
+    rows: tuple[str, ...]
     seed: int
     config: RunConfig
     config_dict: dict                  # to_dict(config), computed once per step (plans can hold 10^4 runs)
@@ -93,8 +93,8 @@ def expand(loaded: LoadedStudy) -> Plan:
             if s.cost.step_seconds is not None and "train" in s.stages:
                 gpus = s.resources.gpus_per_node * s.resources.nodes
                 hours = cfg.train.steps * s.cost.step_seconds * gpus / 3600
-            runs.append(Run(id=identity_id(identity), step=step.name, label=step.label or step.name, row=step.row,
-                            seed=seed, config=cfg, config_dict=cfg_dict, samples=loaded.samples,
+            runs.append(Run(id=identity_id(identity), step=step.name, label=step.label or step.name,
+                            rows=step_rows(step), seed=seed, config=cfg, config_dict=cfg_dict, samples=loaded.samples,
                             stages=tuple(stages), switches=switches, gpu_hours=hours))
     ids = [r.id for r in runs]
     if len(set(ids)) != len(ids):
@@ -188,8 +188,8 @@ def plan_json(plan: Plan, root: Path) -> dict:
     samples = [to_dict(p) for p in plan.study.samples]
     for r in plan.runs:
         states = stage_states(r, root)
-        runs.append({"id": r.id, "step": r.step, "label": r.label, "row": r.row, "seed": r.seed, "model": r.model,
-                     "switches": r.switches, "config": r.config_dict, "samples": samples,
+        runs.append({"id": r.id, "step": r.step, "label": r.label, "rows": list(r.rows), "seed": r.seed,
+                     "model": r.model, "switches": r.switches, "config": r.config_dict, "samples": samples,
                      "stages": [{"name": s.name, "after": list(s.after), "gpus": s.gpus, "nodes": s.nodes,
                                  **states[s.name]} for s in r.stages],
                      "status": run_status(states), "gpu_hours": r.gpu_hours})

@@ -161,3 +161,34 @@ def test_non_utf8_file(tmp_path, capsys):
     (tmp_path / "x.yaml").write_bytes(b"study: \xff\xfe\n")
     assert main(["plan", str(tmp_path / "x.yaml"), "--results", str(tmp_path / "r")]) == 2
     assert "x.yaml:1: not UTF-8 text (byte 0xff)" in capsys.readouterr().err
+
+
+STUDIES = sorted(str(p.relative_to(ROADMAP.parent)) for p in ROADMAP.parent.rglob("*.yaml")
+                 if "paper" not in p.parts)
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_every_study_file_plans(name):
+    plan = expand(load_study(ROADMAP.parent / name))
+    assert plan.runs and all(r.rows or r.step in ("dit_s2", "dit_b2", "dic_h", "uvit_xl") for r in plan.runs)
+
+
+def test_shared_baseline_across_paper_scale_studies():
+    ids = {}
+    for name in ("dic_main.yaml", "dico_main.yaml", "throughput.yaml"):
+        ids[name] = {r.step: r.id for r in expand(load_study(ROADMAP.parent / name)).runs}["dit_xl2"]
+    assert len(set(ids.values())) == 1, ids
+
+
+def test_tiny_roadmap_runs_train(tmp_path):
+    import dataclasses
+
+    from repro.train import train
+
+    if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists():
+        pytest.skip("dataset-fashion-mnist is not installed")
+    loaded = load_study(ROADMAP.parent / "tiny" / "dic_roadmap.yaml")
+    for step in ("isotropic", "unet", "gelu"):
+        cfg = loaded.configs[step]
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=2, ckpt_every=2, log_every=1))
+        assert train(cfg, tmp_path / step, progress=False)["step"] == 2
