@@ -192,3 +192,26 @@ def test_tiny_roadmap_runs_train(tmp_path):
         cfg = loaded.configs[step]
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=2, ckpt_every=2, log_every=1))
         assert train(cfg, tmp_path / step, progress=False)["step"] == 2
+
+
+def test_changing_one_steps_learning_rate_changes_one_id(tmp_path):
+    data = yaml.safe_load(ROADMAP.read_text())
+    data["paper"]["file"] = str(ROADMAP.parent / "paper" / "dic.yaml")
+    data["steps"][4]["config"] = {**data["steps"][4]["config"], "train": {"lr": 2.0e-4}}
+    before = [r.id for r in expand(load_study(ROADMAP)).runs]
+    after = [r.id for r in expand(load_study(_write(tmp_path, "lr.yaml", data))).runs]
+    changed = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b]
+    assert changed == [4, 5, 6, 7]  # the step itself, and the steps that extend it inherit its learning rate
+    data["steps"][4]["config"].pop("train")
+    data["steps"][8]["config"] = {**data["steps"][8]["config"], "train": {"lr": 2.0e-4}}  # DiT-XL/2, standalone
+    after = [r.id for r in expand(load_study(_write(tmp_path, "lr.yaml", data))).runs]
+    assert [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b] == [8]
+
+
+def test_extends_cycle_through_the_cli(tmp_path, capsys):
+    _write(tmp_path, "a.yaml", "extends: b.yaml\n" + BASE)
+    _write(tmp_path, "b.yaml", "extends: a.yaml\n" + BASE)
+    assert main(["plan", str(tmp_path / "a.yaml"), "--results", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "extends cycle" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
