@@ -25,8 +25,27 @@ class DistEnv:
         return self.rank == 0
 
 
+def env_from_slurm(environ: dict[str, str]) -> dict[str, str]:
+    """torch.distributed variables for one task of a plain `srun` step (one task per GPU), or {} if not needed.
+
+    torchrun and submitit's `TorchDistributedEnvironment().export()` set these themselves; an srun task only has
+    SLURM's. The rendezvous is the node srun was launched from, on a port derived from the job id.
+    """
+    ntasks = int(environ.get("SLURM_NTASKS", "1"))
+    if "WORLD_SIZE" in environ or ntasks <= 1 or "SLURM_PROCID" not in environ:
+        return {}
+    master = environ.get("MASTER_ADDR") or environ.get("SLURM_LAUNCH_NODE_IPADDR")
+    if not master:
+        raise ValueError("SLURM task without MASTER_ADDR or SLURM_LAUNCH_NODE_IPADDR: cannot find the rendezvous")
+    return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": str(ntasks),
+            "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"), "MASTER_ADDR": master,
+            "MASTER_PORT": environ.get("MASTER_PORT") or str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000)}
+
+
 def init() -> DistEnv:
-    """Join the process group described by RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, if any."""
+    """Join the process group described by RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT, if any
+    (from torchrun, submitit, or a plain srun task's SLURM variables)."""
+    os.environ.update(env_from_slurm(dict(os.environ)))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
