@@ -215,3 +215,28 @@ def test_extends_cycle_through_the_cli(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "extends cycle" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_status_reads_the_run_folders(tmp_path, capsys):
+    from repro import rundir
+
+    plan = expand(load_study(ROADMAP))
+    run = plan.runs[0]
+    paths = rundir.RunPaths(tmp_path / "runs" / run.id)
+    rundir.save_atomic({"step": 50_000}, paths.checkpoint(50_000))
+    rundir.append_line(paths.metrics, json.dumps({"step": 50_100, "loss": 0.25, "steps_per_s": 2.0}))
+    done = plan.runs[1]
+    done_paths = rundir.RunPaths(tmp_path / "runs" / done.id)
+    rundir.save_atomic({"step": 200_000}, done_paths.checkpoint(200_000))
+    pid = "ddpm250-cfg1.5-g3-uniform-n50000-seed0"
+    done_paths.samples.mkdir(parents=True)
+    (done_paths.samples / f"{pid}.json").write_text("{}")
+    assert main(["status", str(ROADMAP), "--json", "--results", str(tmp_path)]) == 0
+    runs = {r["id"]: r for r in json.loads(capsys.readouterr().out)["runs"]}
+    train = runs[run.id]["stages"][0]
+    assert runs[run.id]["status"] == "partial" and train["state"] == "partial"
+    assert train["step"] == 50_100 and train["total"] == 200_000 and train["loss"] == 0.25
+    assert train["eta_s"] == pytest.approx((200_000 - 50_100) / 2.0)
+    stages = {s["name"]: s["state"] for s in runs[done.id]["stages"]}
+    assert stages["train"] == "done" and stages[f"sample:{pid}"] == "done" and stages[f"evaluate:{pid}"] == "new"
+    assert all(runs[r.id]["status"] == "new" for r in plan.runs[2:])
