@@ -142,8 +142,23 @@ def config_hash(cfg) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def dump_yaml(cfg) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+def dump_run_record(cfg: RunConfig) -> str:
+    """The YAML a run folder's config.yaml holds: the run id, the config hash and the resolved config."""
+    return yaml.safe_dump({"run_id": run_id(cfg), "config_hash": config_hash(cfg), "config": to_dict(cfg)},
+                          sort_keys=False)
+
+
+def load_run_record(path: Path) -> RunConfig | None:
+    """The config a run folder's config.yaml holds, or None when the folder holds no run yet."""
+    if not path.exists():
+        return None
+    return from_dict(RunConfig, yaml.safe_load(path.read_text())["config"], Where(str(path)))
+
+
+def protocol_id(s: SampleConfig) -> str:
+    """File stem naming everything that changes a sample set (samples/<id>.npz, eval/<id>.json)."""
+    guide = f"-g{s.guide_channels}" if s.cfg_scale > 1 else ""
+    return f"{s.sampler}{s.steps.replace(',', '_')}-cfg{s.cfg_scale:g}{guide}-{s.labels}-n{s.num_samples}-seed{s.seed}"
 
 
 def load_run_config(path: str | Path) -> RunConfig:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from repro import rundir
-from repro.config import (ConfigError, LoadedStudy, RunConfig, SampleConfig, identity_id, load_study, run_identity,
-                          step_rows, to_dict)
+from repro.config import (ConfigError, LoadedStudy, RunConfig, SampleConfig, identity_id, load_study, protocol_id,
+                          run_identity, step_rows, to_dict)
 
 RESULTS_ENV = "REPRO_RESULTS"
 LAST_STUDY = ".last_study"
@@ -65,8 +65,6 @@ class Plan:
 
 def expand(loaded: LoadedStudy) -> Plan:
     """Study -> runs: each step x grid seed, with resolved configs, ids, stages and a GPU-hour estimate."""
-    from repro.sample import protocol_id
-
     s = loaded.study
     runs = []
     for step in s.steps:

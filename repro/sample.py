@@ -18,27 +18,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from repro import distributed, models, rundir
-from repro.config import ConfigError, RunConfig, SampleConfig, Where, config_hash, from_dict
+from repro.config import ConfigError, RunConfig, SampleConfig, config_hash, load_run_record, protocol_id
 from repro.data import VAE, to_uint8
 from repro.diffusion import cfg_model_fn, create_diffusion
 from repro.train import seed_for
 
 
-def protocol_id(s: SampleConfig) -> str:
-    """File stem naming everything that changes a sample set."""
-    guide = f"-g{s.guide_channels}" if s.cfg_scale > 1 else ""
-    return f"{s.sampler}{s.steps.replace(',', '_')}-cfg{s.cfg_scale:g}{guide}-{s.labels}-n{s.num_samples}-seed{s.seed}"
-
-
 def load_run(run_dir: Path) -> RunConfig:
     paths = rundir.RunPaths(run_dir)
-    if not paths.config.exists():
+    cfg = load_run_record(paths.config)
+    if cfg is None:
         raise ConfigError(f"{paths.config}: no run here (train it first: repro train RUN.yaml --out {run_dir})")
-    record = yaml.safe_load(paths.config.read_text())
-    return from_dict(RunConfig, record["config"], Where(str(paths.config)))
+    return cfg
 
 
 def sample_labels(s: SampleConfig, num_classes: int, total: int) -> torch.Tensor:

@@ -19,12 +19,12 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 from repro import distributed, models, rundir
-from repro.config import ConfigError, RunConfig, Where, config_hash, from_dict, run_id, run_identity, to_dict
+from repro.config import (ConfigError, RunConfig, config_hash, dump_run_record, load_run_record, run_id, run_identity,
+                          to_dict)
 from repro.data import LATENT_SCALE, VAE, build_dataset
 from repro.diffusion import create_diffusion
 
@@ -100,9 +100,9 @@ def check_run_dir(paths: rundir.RunPaths, cfg: RunConfig) -> bool:
     Runs are compared by identity (`config.run_identity`): how often a run logs or checkpoints may change
     between launches, what it trains may not.
     """
-    if not paths.config.exists():
+    existing = load_run_record(paths.config)
+    if existing is None:
         return False
-    existing = from_dict(RunConfig, yaml.safe_load(paths.config.read_text())["config"], Where(str(paths.config)))
     if run_identity(existing) != run_identity(cfg):
         raise ConfigError(f"{paths.config}: the run folder holds another run "
                           f"({run_id(existing)}, this config is {run_id(cfg)}); use a new --out")
@@ -147,8 +147,7 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None) -> 
     exists = check_run_dir(paths, cfg)  # on every rank, so a mismatch stops them all rather than hang one
     distributed.barrier(env)
     if env.is_main and not exists:
-        record = {"run_id": run_id(cfg), "config_hash": config_hash(cfg), "config": to_dict(cfg)}
-        rundir.atomic_write_text(paths.config, yaml.safe_dump(record, sort_keys=False))
+        rundir.atomic_write_text(paths.config, dump_run_record(cfg))
     if env.is_main:  # which data, and pixels / pre-extracted / on-the-fly latents: a confound between arms
         rundir.atomic_write_text(paths.train / "data.json", json.dumps(described, indent=2) + "\n")
     distributed.barrier(env)
