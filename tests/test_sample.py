@@ -107,7 +107,7 @@ def test_two_processes_sample_the_same_set_as_one(run, tmp_path):
         return [sys.executable, "-m", "repro.cli", "sample", str(run), "--num", "8", "--sampler", "ddim",
                 "--steps", "3", "--seed", "21", "--no-progress", *extra]
 
-    base = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # two ranks cannot share one GPU
     one = subprocess.run(cli("--batch", "4"), env=base, check=True, capture_output=True, text=True)
     npz = Path(one.stdout.strip().splitlines()[-1])
     single = np.load(npz)["arr_0"].astype(int)

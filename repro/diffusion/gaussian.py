@@ -153,7 +153,8 @@ class GaussianDiffusion:
         if out.shape != (x.shape[0], want, *x.shape[2:]):
             raise ValueError(f"model output has shape {tuple(out.shape)}, expected {(x.shape[0], want, *x.shape[2:])} "
                              f"(learn_sigma={self.learn_sigma} with {x.shape[1]} input channels)")
-        return out
+        # The chain keeps the dtype it was started in: a float64 or bf16 model output must not re-type x_t.
+        return out.to(x.dtype)
 
     # -- forward process and posterior ---------------------------------------------------------------------
 
