@@ -161,11 +161,15 @@ def cmd_extract_latents(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- plan / status
 def _load_plan(args):
+    from repro.config import model_checks
     from repro.plan import expand, last_study, load_study, results_root
 
     root = results_root(args.results)
     path = Path(args.study) if args.study else last_study(root)
-    return expand(load_study(path)), root
+    checks = model_checks(root / ".cache" / "model-checks.json")
+    plan = expand(load_study(path))
+    checks.save()
+    return plan, root
 
 
 def cmd_plan(args) -> int:

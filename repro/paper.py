@@ -18,8 +18,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from repro import models
-from repro.config import ConfigError, Where, from_dict, read_yaml
+from repro.config import ConfigError, Where, from_dict, model_checks, read_yaml
 from repro.errors import did_you_mean
 
 PAPER_DIR = Path(__file__).resolve().parents[1] / "experiments" / "paper"
@@ -147,9 +146,10 @@ def _table(data: Any, where: Where, prefix: str) -> Table:
 def _row(data: Any, where: Where, prefix: str) -> Row:
     data = _mapping(data, where, prefix, Row, required=("values",))
     row = from_dict(Row, _without(data, "values", "protocol"), where, prefix + ".")
-    if row.model is not None and row.model not in models.PRESETS:
+    presets = model_checks().presets() if row.model is not None else []
+    if row.model is not None and row.model not in presets:
         raise ConfigError(f"{where.at(prefix + '.model')}: unknown model {row.model!r}"
-                          f"{did_you_mean(row.model, models.PRESETS)}; valid models: {', '.join(models.PRESETS)}"
+                          f"{did_you_mean(row.model, presets)}; valid models: {', '.join(presets)}"
                           " (or leave model out when we do not build it)")
     protocol = None
     if data.get("protocol") is not None:

@@ -69,7 +69,8 @@ def expand(loaded: LoadedStudy) -> Plan:
     runs = []
     for step in s.steps:
         base = loaded.configs[step.name]
-        base_identity, base_dict, switches = run_identity(base), to_dict(base), _switches(base)
+        checked = loaded.models[step.name]
+        base_identity, base_dict, switches = run_identity(base, checked["model"]), to_dict(base), checked["switches"]
         for seed in s.grid.seeds or (base.train.seed,):
             cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, seed=seed))
             identity = {**base_identity, "train": {**base_identity["train"], "seed": seed}}
@@ -101,18 +102,6 @@ def expand(loaded: LoadedStudy) -> Plan:
         raise ConfigError(f"{loaded.path}: steps {', '.join(names)} are the same run ({', '.join(dup)}); "
                           f"a study must not list one configuration twice")
     return Plan(study=loaded, runs=tuple(runs))
-
-
-def _switches(cfg: RunConfig) -> dict:
-    """Model switches that differ from the preset the step names (the paper's model)."""
-    from repro import models
-
-    preset = models.PRESETS[cfg.model.name]
-    out = {}
-    for k, v in cfg.model.overrides.items():
-        if preset.get(k) != v and not (isinstance(v, tuple) and tuple(preset.get(k, ())) == v):
-            out[k] = list(v) if isinstance(v, tuple) else v
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- status

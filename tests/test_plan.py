@@ -240,3 +240,49 @@ def test_status_reads_the_run_folders(tmp_path, capsys):
     stages = {s["name"]: s["state"] for s in runs[done.id]["stages"]}
     assert stages["train"] == "done" and stages[f"sample:{pid}"] == "done" and stages[f"evaluate:{pid}"] == "new"
     assert all(runs[r.id]["status"] == "new" for r in plan.runs[2:])
+
+
+def test_model_checks_cache_gives_the_same_plan_without_importing_torch(tmp_path):
+    import subprocess
+    import sys
+
+    root = tmp_path / "results"
+    cmd = [sys.executable, "-c",
+           "import sys, io, contextlib\n"
+           "from repro.cli import main\n"
+           "out = io.StringIO()\n"
+           "with contextlib.redirect_stdout(out): code = main(sys.argv[1:])\n"
+           "print(code, 'repro.models' in sys.modules, 'torch' in sys.modules)\n"
+           "print(out.getvalue())",
+           "plan", "experiments/dic_roadmap.yaml", "--json", "--results", str(root)]
+    first = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    second = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    assert first.splitlines()[0] == "0 True True"    # a cold cache builds the models on the meta device
+    assert second.splitlines()[0] == "0 False False"  # a warm one needs neither the registry nor torch
+    in_process = expand(load_study("experiments/dic_roadmap.yaml"))
+    plan = json.loads("\n".join(second.splitlines()[1:]))
+    assert [r["id"] for r in plan["runs"]] == [r.id for r in in_process.runs]
+    assert plan == json.loads("\n".join(first.splitlines()[1:]))
+
+    cache = root / ".cache" / "model-checks.json"
+    data = json.loads(cache.read_text())
+    data["fingerprint"] = "stale"  # another version of repro/models: nothing cached may be trusted
+    cache.write_text(json.dumps(data))
+    assert subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[0] == "0 True True"
+    cache.write_text("{not json")  # a damaged cache is only a slower plan
+    assert subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[0] == "0 True True"
+
+
+def test_a_bad_switch_fails_with_a_warm_cache(tmp_path, capsys):
+    root = tmp_path / "results"
+    assert main(["plan", "experiments/tiny/dic_roadmap.yaml", "--results", str(root)]) == 0
+    study = yaml.safe_load(Path("experiments/tiny/dic_roadmap.yaml").read_text())
+    study["steps"][1]["config"] = {"model": {"overrides": {"act": "swish"}}}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(study, sort_keys=False))
+    before = (root / ".cache" / "model-checks.json").read_text()
+    capsys.readouterr()
+    assert main(["plan", str(bad), "--results", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "steps.1.config.model" in err and "swish" in err
+    assert (root / ".cache" / "model-checks.json").read_text() == before  # an invalid study writes nothing
