@@ -202,10 +202,15 @@ def cmd_plan(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from repro.launch import job_view
     from repro.plan import plan_json
 
     plan, root = _load_plan(args)
     data = plan_json(plan, root)
+    jobs = job_view(plan, root)
+    for r in data["runs"]:
+        for st in r["stages"]:
+            st.update(jobs[r["id"]].get(st["name"], {}))
     if args.json:
         _print_json({"study": data["study"], "runs": [
             {"id": r["id"], "step": r["step"], "status": r["status"], "stages": r["stages"]} for r in data["runs"]]})
@@ -218,8 +223,65 @@ def cmd_status(args) -> int:
             progress = f"{st['step']}/{st['total']}" if "total" in st else ""
             loss = f"{st['loss']:.4f}" if st.get("loss") is not None else ""
             eta = f"{st['eta_s'] / 3600:.1f} h" if st.get("eta_s") else ""
-            table.add_row(r["step"], r["id"], st["name"], st["state"], "–", progress, loss, eta)
+            table.add_row(r["step"], r["id"], st["name"], st["state"], _job_cell(st), progress, loss, eta)
     _console().print(table)
+    return 0
+
+
+def _job_cell(st: dict) -> str:
+    """`cluster job-id: state` where a job was submitted (the scheduler's view when it still knows the job)."""
+    if not st.get("job"):
+        return "–"
+    state = (st.get("scheduler") or st["job"]).lower()
+    jid = f" {st['job_id']}" if st.get("job_id") else ""
+    tries = f" (attempt {st['attempts']})" if st.get("attempts", 0) > 1 else ""
+    return f"{st.get('cluster') or ''}{jid}: {state}{tries}"
+
+
+def cmd_submit(args) -> int:
+    from repro.launch import load_profile, submit
+    from repro.plan import remember
+
+    plan, root = _load_plan(args)
+    profile = load_profile(args.profile) if args.profile else None
+    cluster = args.cluster or (profile.cluster if profile else "local")
+    if profile and profile.cluster != cluster:
+        raise UsageError(f"--cluster {cluster}: the profile {args.profile} is for cluster {profile.cluster}")
+    result = submit(plan, root, cluster, profile, dry_run=args.dry_run, retry_failed=args.retry_failed,
+                    only=tuple(args.only or ()))
+    if not args.dry_run:
+        remember(plan.study.path, root)
+    if args.json:
+        _print_json({"study": plan.study.study.study, "cluster": cluster, "dry_run": args.dry_run,
+                     "jobs": result.jobs, "stages": [
+                         {"run": d.run.id, "step": d.run.step, "stage": d.stage.name, "action": d.action,
+                          "detail": d.detail, "job_id": d.job_id} for d in result.decisions]})
+        return 0
+    console = _console()
+    if args.dry_run:
+        for j in result.jobs:
+            console.print(f"[bold]{j['step']} {j['stage']}[/bold] (run {j['run']})", highlight=False)
+            console.print(j["sbatch"], markup=False, highlight=False)
+    counts: dict[str, int] = {}
+    for d in result.decisions:
+        counts[d.action] = counts.get(d.action, 0) + 1
+        if d.action in ("failed", "blocked", "unavailable"):
+            console.print(f"{d.run.step} {d.stage.name}: {d.action}: {d.detail}", markup=False, highlight=False)
+    verb = "would queue" if args.dry_run else "queued"
+    rest = ", ".join(f"{n} {a}" for a, n in counts.items() if a != "submit")
+    console.print(f"{plan.study.study.study}: {verb} {len(result.jobs)} jobs on {cluster}"
+                  + (f" ({rest})" if rest else ""), markup=False, highlight=False)
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    from repro.launch import cancel
+
+    plan, root = _load_plan(args)
+    done = cancel(plan, root, only=tuple(args.only or ()))
+    for j in done:
+        print(f"cancelled {j['step']} {j['stage']} (job {j['job_id']})")
+    print(f"{plan.study.study.study}: cancelled {len(done)} stages")
     return 0
 
 
@@ -282,6 +344,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--results", help="results root (default: $REPRO_RESULTS or ./results)")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("submit", help="queue a study's stages on SLURM (or here); skips done and queued stages")
+    p.add_argument("study", nargs="?", help="study YAML (default: the last planned)")
+    p.add_argument("--cluster", choices=("slurm", "local", "debug"),
+                   help="slurm: submitit to SLURM; local: background processes here; debug: in this process "
+                        "(default: the profile's cluster, else local)")
+    p.add_argument("--profile", help="cluster profile YAML, e.g. slurm/profiles/example.yaml")
+    p.add_argument("--dry-run", action="store_true", help="print the jobs and their sbatch text; submit nothing")
+    p.add_argument("--retry-failed", action="store_true", help="resubmit failed and cancelled stages")
+    p.add_argument("--only", nargs="+", metavar="STEP", help="only these steps of the study")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--results", help="results root (default: $REPRO_RESULTS or ./results)")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("cancel", help="cancel a study's queued and running stages")
+    p.add_argument("study", nargs="?", help="study YAML (default: the last planned)")
+    p.add_argument("--only", nargs="+", metavar="STEP")
+    p.add_argument("--results", help="results root (default: $REPRO_RESULTS or ./results)")
+    p.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser("extract-latents", help="encode an image folder once into VAE latents (resumable)")
     p.add_argument("dataset_root", help="class-folder image dataset (ImageNet train layout)")

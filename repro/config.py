@@ -508,7 +508,9 @@ def _check_paper_rows(study: Study, path: Path, where: Where) -> None:
     """The paper table exists and every step's row is in it (experiments/paper/*.yaml)."""
     from repro.paper import load_paper
 
-    paper_path = path.parent / study.paper.file
+    # relative to the file that names it, which may be a study this one extends
+    declared_in = Path(where.files.get("paper.file") or where.files.get("paper") or path)
+    paper_path = declared_in.parent / study.paper.file
     if not paper_path.is_file():
         raise ConfigError(f"{where.at('paper.file')}: file not found: {paper_path}")
     paper = load_paper(paper_path)

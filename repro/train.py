@@ -14,7 +14,7 @@ import json
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -27,6 +27,14 @@ from repro.config import (ConfigError, RunConfig, config_hash, dump_run_record, 
                           to_dict)
 from repro.data import LATENT_SCALE, VAE, build_dataset
 from repro.diffusion import create_diffusion
+
+
+class Interrupted(Exception):
+    """Training stopped early on request (preemption, time limit) after writing a checkpoint at `step`."""
+
+    def __init__(self, step: int):
+        super().__init__(f"interrupted at step {step}; checkpoint written")
+        self.step = step
 
 
 class TrainingDiverged(RuntimeError):
@@ -109,8 +117,14 @@ def check_run_dir(paths: rundir.RunPaths, cfg: RunConfig) -> bool:
     return True
 
 
-def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None) -> dict:
-    """Train the run in `run_dir` to `cfg.train.steps`, resuming from its newest checkpoint; returns last metrics."""
+def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
+          stop: Callable[[], bool] | None = None) -> dict:
+    """Train the run in `run_dir` to `cfg.train.steps`, resuming from its newest checkpoint; returns last metrics.
+
+    `stop` is asked after every step (the launcher sets it on SIGUSR2, SLURM's warning before preemption or the
+    time limit); when any rank says yes, every rank stops at that same step, a checkpoint is written and
+    `Interrupted` is raised, so the requeued job resumes exactly there.
+    """
     t = cfg.train
     # ---------------------------------------------------------------- set-up: processes, precision, folder
     env = distributed.init()
@@ -245,7 +259,8 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None) -> 
         else:
             log.advance(step)
 
-        if step % t.ckpt_every == 0 or step == t.steps:
+        stopping = stop is not None and step < t.steps and _anyone(stop(), env, device)
+        if step % t.ckpt_every == 0 or step == t.steps or stopping:
             if window_steps and not torch.isfinite(distributed.all_mean(sums, env)).all():
                 raise TrainingDiverged(f"non-finite loss before step {step}; the checkpoint was not written; "
                                        f"last good checkpoint: {rundir.latest_checkpoint(paths) or 'none'}")
@@ -258,6 +273,9 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None) -> 
                 }, paths.checkpoint(step))
                 rundir.prune_checkpoints(paths, t.keep_last)
             distributed.barrier(env)
+        if stopping:
+            log.close()
+            raise Interrupted(step)
     log.close()
     return last or {"step": step}
 
@@ -284,6 +302,13 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _anyone(flag: bool, env, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on any (signals reach ranks at different steps)."""
+    if env.world == 1:
+        return flag
+    return distributed.all_mean(torch.tensor([float(flag)], device=device), env).item() > 0
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -334,4 +359,4 @@ class _Logger:
             self.bar.stop()
 
 
-__all__ = ["StepBatches", "TrainingDiverged", "model_spec", "seed_for", "train", "update_ema"]
+__all__ = ["Interrupted", "StepBatches", "TrainingDiverged", "model_spec", "seed_for", "train", "update_ema"]

@@ -1,0 +1,582 @@
+"""Launch a plan's stages: on SLURM through submitit, as background processes on this machine, or in-process.
+
+    repro submit STUDY.yaml --cluster slurm --profile slurm/profiles/NAME.yaml
+
+One SLURM job per stage of a run; the train stages of runs that ask for the same resources go in one job array;
+later stages wait on their parent with `afterok`. Submitting is idempotent: a stage that is done (its files are
+in the run folder), queued or running is never submitted again, and every run is locked while its stages are
+decided, so two concurrent submits queue each stage once. `results/runs/<id>/state.json` records, per stage, the
+cluster, job id, attempts and every state change; the job itself writes `running`, `done` or `failed`.
+
+Preemption and time limits follow submitit's checkpoint protocol: SLURM sends SIGUSR2 `signal_delay_s` before
+the end; the train stage finishes its step, writes a checkpoint (every rank stops at the same step), and submitit
+requeues the job, which resumes from that checkpoint bit for bit. Sampling resumes from its shards.
+
+`--cluster local` runs the same stage jobs in one background submitit process per submit, in dependency order;
+`--cluster debug` runs them in this process (tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from repro import rundir
+from repro.config import ConfigError, RunConfig, SampleConfig, Where, from_dict, protocol_id, read_yaml
+from repro.errors import did_you_mean
+from repro.plan import Plan, Run, Stage, stage_states
+
+CLUSTERS = ("slurm", "local", "debug")
+RUNNABLE = ("train", "sample")   # evaluate and bench stages have no runner yet: they are reported, not submitted
+ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
+          "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
+
+
+# ---------------------------------------------------------------------------------------------- profiles
+@dataclass(frozen=True)
+class Profile:
+    """What a cluster offers and wants: partition and account, and the most a job may ask of one node.
+
+    cpus_per_task, mem_gb and gpus_per_node cap the study's requests (a study written for 8-GPU nodes still
+    plans on a CPU test node); partition, account, qos and constraint fill in what the study leaves unset.
+    """
+
+    cluster: str = "slurm"
+    partition: str | None = None
+    preempt_partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    time_min: int = 60
+    cpus_per_task: int | None = None
+    mem_gb: int | None = None
+    gpus_per_node: int | None = None
+    signal_delay_s: int = 120
+    max_num_timeout: int = 20
+    setup: tuple[str, ...] = ()
+    additional: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.cluster not in CLUSTERS:
+            raise ValueError(f"cluster must be one of {', '.join(CLUSTERS)}, got {self.cluster!r}")
+        for name in ("time_min", "signal_delay_s", "max_num_timeout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+
+
+def load_profile(path: str | Path) -> Profile:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such profile")
+    data, lines = read_yaml(path)
+    if data is None:
+        raise ConfigError(f"{path}: the profile is empty")
+    return from_dict(Profile, data, Where(str(path), lines))
+
+
+def parse_time(text: str) -> int:
+    """SLURM time (`MM`, `HH:MM:SS`, `D-HH:MM:SS`, `D-HH`) in minutes, rounded up."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not m:
+        raise ValueError(f"not a SLURM time: {text!r}")
+    days, a, b, c = (int(g) if g else None for g in m.groups())
+    if days is None and b is None:
+        return a                                   # MM
+    if days is not None and b is None:
+        seconds = days * 86400 + a * 3600          # D-HH
+    elif c is None:
+        seconds = (days or 0) * 86400 + (a * 3600 + b * 60 if days is not None else a * 60 + b)  # D-HH:MM or MM:SS
+    else:
+        seconds = (days or 0) * 86400 + a * 3600 + b * 60 + c
+    return -(-seconds // 60)
+
+
+# ---------------------------------------------------------------------------------------------- state.json
+def state_path(root: Path, run_id: str) -> Path:
+    return root / "runs" / run_id / "state.json"
+
+
+@contextlib.contextmanager
+def _flock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def read_state(root: Path, run_id: str) -> dict:
+    path = state_path(root, run_id)
+    if not path.exists():
+        return {"run": run_id, "stages": {}}
+    return json.loads(path.read_text())
+
+
+def record(root: Path, run_id: str, stage: str, state: str, **fields) -> dict:
+    """Set a stage's state (and fields) in state.json, appending the change to its history; atomic and locked."""
+    path = state_path(root, run_id)
+    with _flock(path.with_name(".state.lock")):
+        data = read_state(root, run_id)
+        entry = data["stages"].setdefault(stage, {"attempts": 0, "history": []})
+        entry.update(fields, state=state)
+        event = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "state": state}
+        if fields.get("job_id"):
+            event["job_id"] = fields["job_id"]
+        entry["history"].append(event)
+        rundir.atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+    return entry
+
+
+# ---------------------------------------------------------------------------------------------- the jobs
+@dataclass
+class StageJob:
+    """One stage of one run, as submitit pickles it: runs on the compute node, records its own state."""
+
+    root: str
+    run_id: str
+    stage: str
+    config: RunConfig
+    sample: SampleConfig | None = None
+
+    def __call__(self) -> str:
+        root = Path(self.root)
+        job_id, rank = _job_identity()
+        if rank == 0:
+            entry = read_state(root, self.run_id)["stages"].get(self.stage, {})
+            record(root, self.run_id, self.stage, "running", job_id=job_id or entry.get("job_id"),
+                   attempts=entry.get("attempts", 0) + 1, host=os.uname().nodename)
+        threads = os.environ.get("SLURM_CPUS_PER_TASK")
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))
+        try:
+            result = self._run(root / "runs" / self.run_id)
+        except SystemExit:  # requeued through submitit: not a failure
+            raise
+        except KeyboardInterrupt:  # a local cancel
+            if rank == 0:
+                record(root, self.run_id, self.stage, "cancelled")
+            raise
+        except BaseException as e:
+            if rank == 0:
+                record(root, self.run_id, self.stage, "failed", error=f"{type(e).__name__}: {e}"[:500])
+            raise
+        if rank == 0:
+            record(root, self.run_id, self.stage, "done")
+        return result
+
+    def _run(self, run_dir: Path) -> str:
+        if self.stage == "train":
+            from repro.train import Interrupted, train
+
+            asked = []
+            submitit_handler = signal.getsignal(signal.SIGUSR2)
+            if callable(submitit_handler):
+                # finish the step and checkpoint first; submitit's own handler then requeues the job
+                signal.signal(signal.SIGUSR2, lambda *_: asked.append(True))
+            try:
+                train(self.config, run_dir, progress=False, stop=lambda: bool(asked))
+            except Interrupted as e:
+                record(Path(self.root), self.run_id, self.stage, "requeued", interrupted_at=e.step)
+                if callable(submitit_handler):
+                    submitit_handler(signal.SIGUSR2, None)  # checkpoint() + requeue + exit on rank 0
+                raise _Requeue() from e
+            return "trained"
+        if self.stage.startswith("sample:"):
+            from repro.sample import sample
+
+            assert self.sample is not None
+            return str(sample(run_dir, _sample_overrides(self.sample), progress=False))
+        raise ValueError(f"stage {self.stage} has no runner")
+
+    def checkpoint(self, *args, **kwargs):
+        """submitit's checkpoint protocol: state lives in the run folder, so the same job is resubmitted."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
+class _Requeue(SystemExit):
+    """Raised on ranks that stop for a requeue; rank 0 has already exited through submitit."""
+
+    def __init__(self):
+        super().__init__(0)
+
+
+@dataclass
+class Chain:
+    """Stage jobs run one after another in one process (`--cluster local`); a failed stage stops its run's chain."""
+
+    jobs: list[StageJob]
+
+    def __call__(self) -> dict:
+        failed: set[str] = set()
+        out = {}
+        for job in self.jobs:
+            if job.run_id in failed:  # not a failure of its own: the next submit takes it up again
+                record(Path(job.root), job.run_id, job.stage, "skipped", error="an earlier stage of the run failed")
+                continue
+            try:
+                out[f"{job.run_id}/{job.stage}"] = job()
+            except Exception:
+                failed.add(job.run_id)
+        if failed:
+            raise RuntimeError(f"stages failed in runs {', '.join(sorted(failed))}; see their state.json")
+        return out
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
+def _job_identity() -> tuple[str | None, int]:
+    try:
+        import submitit
+
+        env = submitit.JobEnvironment()
+        return str(env.job_id), env.global_rank
+    except RuntimeError:  # not inside a submitit job (debug executor runs in-process)
+        return None, int(os.environ.get("RANK", 0))
+
+
+def _sample_overrides(s: SampleConfig) -> dict:
+    return dataclasses.asdict(s)
+
+
+# ---------------------------------------------------------------------------------------------- scheduler
+def scheduler_states(job_ids: list[str], cluster: str) -> dict[str, str]:
+    """Job id -> scheduler state (SLURM names), for the ids the scheduler still knows."""
+    ids = sorted({j for j in job_ids if j})
+    if not ids:
+        return {}
+    if cluster == "local":
+        return {j: ("RUNNING" if _local_alive(j) else "GONE") for j in ids}
+    if cluster != "slurm":
+        return {}
+    out: dict[str, str] = {}
+    q = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T"], capture_output=True, text=True, timeout=60)
+    for line in q.stdout.splitlines():
+        jid, _, st = line.partition("|")
+        if jid in ids:
+            out[jid] = st.strip()
+    rest = [j for j in ids if j not in out]
+    if rest:
+        a = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(rest)],
+                           capture_output=True, text=True, timeout=60)
+        for line in a.stdout.splitlines():
+            jid, _, st = line.partition("|")
+            if jid in rest:
+                out[jid] = st.split()[0] if st.strip() else "UNKNOWN"  # "CANCELLED by 0" -> CANCELLED
+    return out
+
+
+def _local_alive(job_id: str) -> bool:
+    """A local job id is the pid of submitit's controller: alive only if that pid still runs the controller."""
+    try:
+        cmdline = Path(f"/proc/{int(job_id)}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return False
+    return b"submitit.local._local" in cmdline
+
+
+# ---------------------------------------------------------------------------------------------- submit
+@dataclass
+class Decision:
+    run: Run
+    stage: Stage
+    action: str          # submit | done | active | failed | blocked | unavailable
+    detail: str = ""
+    job_id: str | None = None
+
+
+def _requests(stage: Stage, run: Run, plan: Plan, profile: Profile) -> dict:
+    """submitit parameters for one stage: the study's resources within the profile's caps."""
+    r = plan.study.study.resources
+
+    def cap(asked: int, limit: int | None) -> int:
+        return asked if limit is None else min(asked, limit)
+
+    gpus = cap(stage.gpus, profile.gpus_per_node)
+    params = {
+        "timeout_min": parse_time(r.time) if r.time else profile.time_min,
+        "nodes": stage.nodes,
+        "tasks_per_node": max(1, gpus),          # one task per GPU; torch.distributed from the SLURM variables
+        "cpus_per_task": cap(r.cpus_per_task, profile.cpus_per_task),
+        "mem_gb": cap(r.mem_gb, profile.mem_gb),
+        "slurm_signal_delay_s": profile.signal_delay_s,
+        "slurm_max_num_timeout": profile.max_num_timeout,
+    }
+    if gpus:
+        params["gpus_per_node"] = gpus
+    for key in ("partition", "account", "qos", "constraint"):
+        value = getattr(r, key) or getattr(profile, key)
+        if value:
+            params[f"slurm_{key}"] = value
+    if profile.setup:
+        params["slurm_setup"] = list(profile.setup)
+    return params
+
+
+def decide(plan: Plan, root: Path, cluster: str, retry_failed: bool = False,
+           only: tuple[str, ...] = ()) -> list[Decision]:
+    """What to do with each stage of the selected runs, from the run folders, state.json and the scheduler."""
+    steps = {r.step for r in plan.runs}
+    for name in only:
+        if name not in steps:
+            raise ConfigError(f"--only {name}: no such step in {plan.study.path}{did_you_mean(name, steps)}; "
+                              f"steps: {', '.join(dict.fromkeys(r.step for r in plan.runs))}")
+    runs = [r for r in plan.runs if not only or r.step in only]
+    states = {r.id: read_state(root, r.id) for r in runs}
+    ids_by_cluster: dict[str, list[str]] = {}
+    for st in states.values():
+        for entry in st["stages"].values():
+            if entry.get("state") in ("submitted", "running", "requeued") and entry.get("job_id"):
+                ids_by_cluster.setdefault(entry.get("cluster", cluster), []).append(entry["job_id"])
+    sched = {}
+    for c, ids in ids_by_cluster.items():
+        sched.update(scheduler_states(ids, c))
+    out: list[Decision] = []
+    for run in runs:
+        disk = stage_states(run, root)
+        mine: dict[str, Decision] = {}
+        for stage in run.stages:
+            entry = states[run.id]["stages"].get(stage.name, {})
+            jid = entry.get("job_id")
+            if disk[stage.name]["state"] == "done":
+                d = Decision(run, stage, "done", job_id=jid)
+            elif stage.name.split(":")[0] not in RUNNABLE:
+                d = Decision(run, stage, "unavailable", "no runner yet (evaluation lands with issue 6)")
+            elif entry.get("state") in ("submitted", "running", "requeued") and sched.get(jid) in ACTIVE:
+                d = Decision(run, stage, "active", sched[jid].lower(), job_id=jid)
+            elif entry.get("state") in ("submitted", "running", "requeued", "failed", "cancelled") and not retry_failed:
+                why = entry.get("error") or sched.get(jid, "").lower() or entry.get("state")
+                d = Decision(run, stage, "failed", f"{why} (--retry-failed resubmits)", job_id=jid)
+            else:
+                d = Decision(run, stage, "submit")
+            parents = [mine[p] for p in stage.after if p in mine]
+            if d.action == "submit" and any(p.action in ("failed", "blocked", "unavailable") for p in parents):
+                d = Decision(run, stage, "blocked", "waits on a stage that cannot run")
+            mine[stage.name] = d
+            out.append(d)
+    return out
+
+
+@dataclass
+class Submission:
+    decisions: list[Decision]
+    jobs: list[dict]          # {"run", "stage", "job_id", "sbatch"?}
+
+
+def submit(plan: Plan, root: Path, cluster: str, profile: Profile | None = None, dry_run: bool = False,
+           retry_failed: bool = False, only: tuple[str, ...] = ()) -> Submission:
+    """Queue every stage that is neither done nor queued; returns at once (debug runs in-process)."""
+    if cluster not in CLUSTERS:
+        raise ConfigError(f"--cluster: one of {', '.join(CLUSTERS)}, got {cluster!r}")
+    profile = profile or Profile(cluster=cluster)
+    run_ids = sorted({r.id for r in plan.runs if not only or r.step in only})
+    with contextlib.ExitStack() as locks:
+        if not dry_run:
+            for rid in run_ids:  # sorted: two submits never wait on each other's locks in a cycle
+                locks.enter_context(_flock(root / "runs" / rid / ".submit.lock"))
+        decisions = decide(plan, root, cluster, retry_failed, only)
+        todo = [d for d in decisions if d.action == "submit"]
+        if dry_run or not todo:
+            jobs = _dry_run(todo, plan, root, profile) if dry_run else []
+            return Submission(decisions, jobs)
+        if cluster == "slurm":
+            jobs = _submit_slurm(todo, decisions, plan, root, profile)
+        elif cluster == "local":
+            jobs = _submit_local(todo, plan, root)
+        else:
+            jobs = _submit_debug(todo, plan, root)
+    return Submission(decisions, jobs)
+
+
+def _job(d: Decision, plan: Plan, root: Path) -> StageJob:
+    sample = None
+    if d.stage.name.startswith("sample:"):
+        pid = d.stage.name.split(":", 1)[1]
+        sample = next(s for s in plan.study.samples if protocol_id(s) == pid)
+    return StageJob(str(root), d.run.id, d.stage.name, d.run.config, sample)
+
+
+def _executor(cluster: str, folder: Path, name: str, params: dict, profile: Profile):
+    import submitit
+
+    ex = submitit.AutoExecutor(folder=folder, cluster=cluster)  # explicit: with sbatch on PATH auto picks slurm
+    if cluster == "slurm":
+        extra = dict(profile.additional)
+        if "dependency" in params:
+            extra["dependency"] = params.pop("dependency")
+        ex.update_parameters(name=name, slurm_additional_parameters=extra, **params)
+    else:
+        ex.update_parameters(name=name, timeout_min=params.get("timeout_min", 60))
+    return ex
+
+
+def _job_name(plan: Plan, d: Decision) -> str:
+    return f"repro-{plan.study.study.study}-{d.run.step}-{d.stage.name.split(':')[0]}"
+
+
+def _submit_slurm(todo: list[Decision], decisions: list[Decision], plan: Plan, root: Path,
+                  profile: Profile) -> list[dict]:
+    folder = root / "jobs" / "%j"
+    ids = {(d.run.id, d.stage.name): d.job_id for d in decisions if d.action in ("active", "done")}
+    jobs: list[dict] = []
+    # train stages with equal requests go into one array; everything else waits on its parent
+    first = [d for d in todo if not d.stage.after]
+    later = [d for d in todo if d.stage.after]
+    groups: dict[str, list[Decision]] = {}
+    for d in first:
+        groups.setdefault(json.dumps(_requests(d.stage, d.run, plan, profile), sort_keys=True), []).append(d)
+    for key, group in groups.items():
+        ex = _executor("slurm", folder, f"repro-{plan.study.study.study}-{group[0].stage.name}", json.loads(key),
+                       profile)
+        with ex.batch():
+            submitted = [(d, ex.submit(_job(d, plan, root))) for d in group]
+        for d, job in submitted:
+            jobs.append(_recorded(root, d, job.job_id, "slurm"))
+            ids[(d.run.id, d.stage.name)] = job.job_id
+    for d in later:
+        params = _requests(d.stage, d.run, plan, profile)
+        waits = [ids[(d.run.id, p)] for p in d.stage.after if ids.get((d.run.id, p))]
+        pending = [j for j, dd in zip(waits, d.stage.after, strict=False)
+                   if not any(x.run.id == d.run.id and x.stage.name == dd and x.action == "done" for x in decisions)]
+        if pending:
+            params["dependency"] = "afterok:" + ":".join(pending)
+        ex = _executor("slurm", folder, _job_name(plan, d), params, profile)
+        job = ex.submit(_job(d, plan, root))
+        jobs.append(_recorded(root, d, job.job_id, "slurm"))
+        ids[(d.run.id, d.stage.name)] = job.job_id
+    return jobs
+
+
+def _recorded(root: Path, d: Decision, job_id: str, cluster: str) -> dict:
+    entry = read_state(root, d.run.id)["stages"].get(d.stage.name, {})
+    record(root, d.run.id, d.stage.name, "submitted", job_id=job_id, cluster=cluster,
+           attempts=entry.get("attempts", 0), error=None)
+    return {"run": d.run.id, "step": d.run.step, "stage": d.stage.name, "job_id": job_id}
+
+
+def _submit_local(todo: list[Decision], plan: Plan, root: Path) -> list[dict]:
+    ex = _executor("local", root / "jobs" / "%j", f"repro-{plan.study.study.study}", {"timeout_min": 60 * 24 * 365},
+                   Profile(cluster="local"))
+    with _detached_stdio():
+        job = ex.submit(Chain([_job(d, plan, root) for d in todo]))
+    return [_recorded(root, d, job.job_id, "local") for d in todo]
+
+
+@contextlib.contextmanager
+def _detached_stdio():
+    """submitit's local controller inherits stdout and stderr: detached, `repro submit | tee` or a caller reading
+    our output returns when we do, not when the background jobs end (their logs are in results/jobs/<pid>/)."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
+def _submit_debug(todo: list[Decision], plan: Plan, root: Path) -> list[dict]:
+    ex = _executor("debug", root / "jobs" / "debug", f"repro-{plan.study.study.study}", {}, Profile(cluster="debug"))
+    job = ex.submit(Chain([_job(d, plan, root) for d in todo]))
+    out = [_recorded(root, d, job.job_id, "debug") for d in todo]
+    with contextlib.suppress(Exception):  # each stage has recorded its own failure in state.json
+        job.result()
+    return out
+
+
+def _dry_run(todo: list[Decision], plan: Plan, root: Path, profile: Profile) -> list[dict]:
+    out = []
+    for d in todo:
+        params = _requests(d.stage, d.run, plan, profile)
+        if d.stage.after:
+            params["dependency"] = "afterok:<" + ",".join(d.stage.after) + ">"
+        out.append({"run": d.run.id, "step": d.run.step, "stage": d.stage.name, "job_id": None,
+                    "sbatch": sbatch_text(root / "jobs" / "%j", _job_name(plan, d), params, profile)})
+    return out
+
+
+def sbatch_text(folder: Path, name: str, params: dict, profile: Profile) -> str:
+    """The sbatch script submitit would write for these parameters (shown by --dry-run)."""
+    from submitit.slurm.slurm import SlurmExecutor
+
+    ex = _executor("slurm", folder, name, dict(params), profile)
+    slurm_ex = ex._executor
+    assert isinstance(slurm_ex, SlurmExecutor)
+    return slurm_ex._make_submission_file_text(slurm_ex._submitit_command_str, "dryrun")
+
+
+# ---------------------------------------------------------------------------------------------- cancel / status
+def cancel(plan: Plan, root: Path, only: tuple[str, ...] = ()) -> list[dict]:
+    """Cancel the queued and running stages of the selected runs; returns what was cancelled."""
+    out = []
+    for run in plan.runs:
+        if only and run.step not in only:
+            continue
+        for name, entry in read_state(root, run.id)["stages"].items():
+            if entry.get("state") not in ("submitted", "running", "requeued") or not entry.get("job_id"):
+                continue
+            jid, cluster = entry["job_id"], entry.get("cluster")
+            if cluster == "slurm":
+                subprocess.run(["scancel", jid], capture_output=True, timeout=60)
+            elif cluster == "local" and _local_alive(jid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(jid), signal.SIGINT)  # submitit's local cancel: the controller stops its tasks
+            record(root, run.id, name, "cancelled", job_id=jid)
+            out.append({"run": run.id, "step": run.step, "stage": name, "job_id": jid})
+    return out
+
+
+def job_view(plan: Plan, root: Path) -> dict[str, dict[str, dict]]:
+    """Per run id and stage: the state.json entry merged with the scheduler's current state."""
+    states = {r.id: read_state(root, r.id)["stages"] for r in plan.runs}
+    by_cluster: dict[str, list[str]] = {}
+    for stages in states.values():
+        for e in stages.values():
+            if e.get("state") in ("submitted", "running", "requeued") and e.get("job_id"):
+                by_cluster.setdefault(e.get("cluster", "slurm"), []).append(e["job_id"])
+    sched = {}
+    for c, ids in by_cluster.items():
+        try:
+            sched.update(scheduler_states(ids, c))
+        except (OSError, subprocess.SubprocessError):
+            pass  # no scheduler reachable from here: state.json alone
+    out: dict[str, dict[str, dict]] = {}
+    for rid, stages in states.items():
+        out[rid] = {}
+        for name, e in stages.items():
+            view = {"job": e.get("state"), "job_id": e.get("job_id"), "cluster": e.get("cluster"),
+                    "attempts": e.get("attempts", 0)}
+            if e.get("job_id") in sched:
+                view["scheduler"] = sched[e["job_id"]]
+            out[rid][name] = view
+    return out
+
+
+__all__ = ["CLUSTERS", "Chain", "Decision", "Profile", "StageJob", "Submission", "cancel", "decide", "job_view",
+           "load_profile", "parse_time", "read_state", "record", "sbatch_text", "scheduler_states", "submit"]
