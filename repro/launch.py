@@ -68,10 +68,10 @@ class Profile:
 
     def __post_init__(self):
         if self.cluster not in CLUSTERS:
-            raise ValueError(f"cluster must be one of {', '.join(CLUSTERS)}, got {self.cluster!r}")
-        for name in ("time_min", "signal_delay_s", "max_num_timeout"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0")
+            raise ConfigError(f"one of {', '.join(CLUSTERS)}, got {self.cluster!r}", key="cluster")
+        for name in ("time_min", "signal_delay_s", "max_num_timeout", "cpus_per_task", "mem_gb", "gpus_per_node"):
+            if (getattr(self, name) or 0) < 0:
+                raise ConfigError(f"must be >= 0, got {getattr(self, name)}", key=name)
 
 
 def load_profile(path: str | Path) -> Profile:
@@ -318,7 +318,6 @@ def _requests(stage: Stage, run: Run, plan: Plan, profile: Profile) -> dict:
         "cpus_per_task": cap(r.cpus_per_task, profile.cpus_per_task),
         "mem_gb": cap(r.mem_gb, profile.mem_gb),
         "slurm_signal_delay_s": profile.signal_delay_s,
-        "slurm_max_num_timeout": profile.max_num_timeout,
     }
     if gpus:
         params["gpus_per_node"] = gpus
@@ -417,7 +416,8 @@ def _job(d: Decision, plan: Plan, root: Path) -> StageJob:
 def _executor(cluster: str, folder: Path, name: str, params: dict, profile: Profile):
     import submitit
 
-    ex = submitit.AutoExecutor(folder=folder, cluster=cluster)  # explicit: with sbatch on PATH auto picks slurm
+    # cluster given explicitly: with sbatch on PATH, auto-detection would pick slurm
+    ex = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=profile.max_num_timeout)
     if cluster == "slurm":
         extra = dict(profile.additional)
         if "dependency" in params:
