@@ -24,6 +24,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -268,6 +269,9 @@ def scheduler_states(job_ids: list[str], cluster: str) -> dict[str, str]:
     if cluster != "slurm":
         return {}
     out: dict[str, str] = {}
+    if shutil.which("squeue") is None or shutil.which("sacct") is None:
+        raise ConfigError("cannot ask SLURM about jobs submitted earlier: squeue/sacct not found on PATH "
+                          "(run this where the cluster's commands are)")
     q = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T"], capture_output=True, text=True, timeout=60)
     for line in q.stdout.splitlines():
         jid, _, st = line.partition("|")
@@ -330,15 +334,20 @@ def _requests(stage: Stage, run: Run, plan: Plan, profile: Profile) -> dict:
     return params
 
 
-def decide(plan: Plan, root: Path, cluster: str, retry_failed: bool = False,
-           only: tuple[str, ...] = ()) -> list[Decision]:
-    """What to do with each stage of the selected runs, from the run folders, state.json and the scheduler."""
+def select(plan: Plan, only: tuple[str, ...] = ()) -> list[Run]:
+    """The runs of the steps named by --only (all without it); an unknown step is a one-line error."""
     steps = {r.step for r in plan.runs}
     for name in only:
         if name not in steps:
             raise ConfigError(f"--only {name}: no such step in {plan.study.path}{did_you_mean(name, steps)}; "
                               f"steps: {', '.join(dict.fromkeys(r.step for r in plan.runs))}")
-    runs = [r for r in plan.runs if not only or r.step in only]
+    return [r for r in plan.runs if not only or r.step in only]
+
+
+def decide(plan: Plan, root: Path, cluster: str, retry_failed: bool = False,
+           only: tuple[str, ...] = ()) -> list[Decision]:
+    """What to do with each stage of the selected runs, from the run folders, state.json and the scheduler."""
+    runs = select(plan, only)
     states = {r.id: read_state(root, r.id) for r in runs}
     ids_by_cluster: dict[str, list[str]] = {}
     for st in states.values():
@@ -386,7 +395,10 @@ def submit(plan: Plan, root: Path, cluster: str, profile: Profile | None = None,
     if cluster not in CLUSTERS:
         raise ConfigError(f"--cluster: one of {', '.join(CLUSTERS)}, got {cluster!r}")
     profile = profile or Profile(cluster=cluster)
-    run_ids = sorted({r.id for r in plan.runs if not only or r.step in only})
+    if cluster == "slurm" and not dry_run and shutil.which("sbatch") is None:
+        raise ConfigError("--cluster slurm: sbatch not found on PATH (submit from a login node of the cluster, "
+                          "or use --cluster local)")
+    run_ids = sorted({r.id for r in select(plan, only)})
     with contextlib.ExitStack() as locks:
         if not dry_run:
             for rid in run_ids:  # sorted: two submits never wait on each other's locks in a cycle
@@ -535,9 +547,7 @@ def sbatch_text(folder: Path, name: str, params: dict, profile: Profile) -> str:
 def cancel(plan: Plan, root: Path, only: tuple[str, ...] = ()) -> list[dict]:
     """Cancel the queued and running stages of the selected runs; returns what was cancelled."""
     out = []
-    for run in plan.runs:
-        if only and run.step not in only:
-            continue
+    for run in select(plan, only):
         for name, entry in read_state(root, run.id)["stages"].items():
             if entry.get("state") not in ("submitted", "running", "requeued") or not entry.get("job_id"):
                 continue
@@ -564,7 +574,7 @@ def job_view(plan: Plan, root: Path) -> dict[str, dict[str, dict]]:
     for c, ids in by_cluster.items():
         try:
             sched.update(scheduler_states(ids, c))
-        except (OSError, subprocess.SubprocessError):
+        except (ConfigError, OSError, subprocess.SubprocessError):
             pass  # no scheduler reachable from here: state.json alone
     out: dict[str, dict[str, dict]] = {}
     for rid, stages in states.items():

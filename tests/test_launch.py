@@ -102,6 +102,7 @@ def test_unknown_step_and_bad_profile_are_one_line_errors(tmp_path, capsys):
     assert main(["submit", "experiments/tiny/dic_roadmap.yaml", "--only", "gatin", "--results", root]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--only gatin" in err and "did you mean gating?" in err
+    assert not (tmp_path / "results" / "runs").exists()
     assert main(["submit", "experiments/tiny/dic_roadmap.yaml", "--profile", str(tmp_path / "none.yaml"),
                  "--results", root]) == 2
     assert "no such profile" in capsys.readouterr().err
@@ -262,3 +263,12 @@ def test_profile_caps_requests():
     p = _requests(run.stages[0], run, plan, Profile(cpus_per_task=2, mem_gb=4, gpus_per_node=0, partition="debug"))
     assert p["tasks_per_node"] == 1 and "gpus_per_node" not in p
     assert p["cpus_per_task"] == 2 and p["mem_gb"] == 4 and p["slurm_partition"] == "debug"
+
+
+def test_slurm_without_its_commands_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # a machine without SLURM's commands
+    code = main(["submit", "experiments/tiny/dic_roadmap.yaml", "--cluster", "slurm", "--results",
+                 str(tmp_path / "results")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "sbatch not found on PATH" in err
+    assert not (tmp_path / "results" / "runs").exists()
