@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import re
 import shutil
 import signal
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,41 +101,12 @@ def parse_time(text: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- state.json
-def state_path(root: Path, run_id: str) -> Path:
-    return root / "runs" / run_id / "state.json"
-
-
-@contextlib.contextmanager
-def _flock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def read_state(root: Path, run_id: str) -> dict:
-    path = state_path(root, run_id)
-    if not path.exists():
-        return {"run": run_id, "stages": {}}
-    return json.loads(path.read_text())
+    return rundir.read_state(rundir.RunPaths(root / "runs" / run_id))
 
 
 def record(root: Path, run_id: str, stage: str, state: str, **fields) -> dict:
-    """Set a stage's state (and fields) in state.json, appending the change to its history; atomic and locked."""
-    path = state_path(root, run_id)
-    with _flock(path.with_name(".state.lock")):
-        data = read_state(root, run_id)
-        entry = data["stages"].setdefault(stage, {"attempts": 0, "history": []})
-        entry.update(fields, state=state)
-        event = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "state": state}
-        if fields.get("job_id"):
-            event["job_id"] = fields["job_id"]
-        entry["history"].append(event)
-        rundir.atomic_write_text(path, json.dumps(data, indent=1) + "\n")
-    return entry
+    return rundir.record_state(rundir.RunPaths(root / "runs" / run_id), stage, state, **fields)
 
 
 # ---------------------------------------------------------------------------------------------- the jobs
@@ -402,7 +371,7 @@ def submit(plan: Plan, root: Path, cluster: str, profile: Profile | None = None,
     with contextlib.ExitStack() as locks:
         if not dry_run:
             for rid in run_ids:  # sorted: two submits never wait on each other's locks in a cycle
-                locks.enter_context(_flock(root / "runs" / rid / ".submit.lock"))
+                locks.enter_context(rundir.file_lock(root / "runs" / rid / ".submit.lock"))
         decisions = decide(plan, root, cluster, retry_failed, only)
         todo = [d for d in decisions if d.action == "submit"]
         if dry_run or not todo:

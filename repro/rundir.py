@@ -47,9 +47,49 @@ class RunPaths:
         self.metrics = self.train / "metrics.jsonl"
         self.log = self.train / "log.txt"
         self.samples = self.root / "samples"
+        self.state = self.root / "state.json"          # the launcher's record of the run's jobs
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"{step:07d}.pt"
+
+
+# ---------------------------------------------------------------------------------------------- job state
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive advisory lock (flock) on `path`, created if missing; held until the block ends."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def read_state(paths: RunPaths) -> dict:
+    """state.json: per stage its state, cluster, job id, attempts and history (empty for a run never launched)."""
+    if not paths.state.exists():
+        return {"run": paths.root.name, "stages": {}}
+    return json.loads(paths.state.read_text())
+
+
+def record_state(paths: RunPaths, stage: str, state: str, **fields) -> dict:
+    """Set a stage's state (and fields) in state.json, appending the change to its history; locked and atomic,
+    because the submitting side and the jobs write the same file."""
+    import time
+
+    with file_lock(paths.root / ".state.lock"):
+        data = read_state(paths)
+        entry = data["stages"].setdefault(stage, {"attempts": 0, "history": []})
+        entry.update(fields, state=state)
+        event = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "state": state}
+        if fields.get("job_id"):
+            event["job_id"] = fields["job_id"]
+        entry["history"].append(event)
+        atomic_write_text(paths.state, json.dumps(data, indent=1) + "\n")
+    return entry
 
 
 def checkpoint_steps(paths: RunPaths) -> list[int]:
