@@ -5,29 +5,18 @@
 # controller state and the accounting DB persist, so the next up.sh continues the job-id numbering.
 set -euo pipefail
 
-PIDDIR=${SLURM_LOCAL_PIDDIR:-/run/slurm-local}
+# shellcheck source=slurm/local-cluster/common.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 T0=$SECONDS
-
-say() { echo "slurm-local: $*"; }
-
-# alive NAME PID: PID is a live (not zombie) process whose command is NAME. A zombie counts as gone: PID 1
-# here reaps detached daemons late, and waiting on a <defunct> entry would cost the full 30 s.
-alive() {
-    local comm state
-    [[ $2 =~ ^[0-9]+$ ]] || return 1
-    comm=$(cat "/proc/$2/comm" 2>/dev/null) || return 1
-    state=$(awk '{print $3}' "/proc/$2/stat" 2>/dev/null) || return 1
-    [[ $comm == "$1" && $state != Z ]]
-}
 
 stop() {
     local f="$PIDDIR/$1.pid" p i
     [[ -s $f ]] || return 0
     p=$(<"$f")
-    if alive "$1" "$p"; then
+    if running "$1" "$p"; then
         kill -TERM "$p" 2>/dev/null || true
-        for ((i = 0; i < 120; i++)); do alive "$1" "$p" || break; sleep 0.25; done
-        if alive "$1" "$p"; then
+        for ((i = 0; i < 120; i++)); do running "$1" "$p" || break; sleep 0.25; done
+        if running "$1" "$p"; then
             say "$1 (pid $p) still alive 30 s after SIGTERM: SIGKILL"
             kill -KILL "$p" 2>/dev/null || true
         fi

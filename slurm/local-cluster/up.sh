@@ -22,7 +22,6 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SUSER=${SLURM_LOCAL_USER:-slurm}
 TIMEOUT=${SLURM_LOCAL_TIMEOUT:-60}
-PIDDIR=${SLURM_LOCAL_PIDDIR:-/run/slurm-local}
 DB_PASS=${SLURM_LOCAL_DB_PASS:-slurmlocal}
 HOST=$(hostname -s)
 DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)    # start order; down.sh stops in reverse
@@ -30,19 +29,9 @@ PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
 READY_STATES='idle|mixed|allocated|completing'         # node answers; a restarted cluster may run old jobs at once
 T0=$SECONDS
 
-say() { echo "slurm-local: $*"; }
+# shellcheck source=slurm/local-cluster/common.sh source-path=SCRIPTDIR
+source "$HERE/common.sh"
 die() { echo "slurm-local: ERROR: $*" >&2; exit 1; }
-
-# running NAME PID: PID is a live (not zombie) process whose command is NAME. The comm check guards
-# against a PID reused since it was recorded; the zombie check matters because PID 1 here reaps
-# detached daemons late, so a daemon that exited can linger for seconds as <defunct>.
-running() {
-    local comm state
-    [[ $2 =~ ^[0-9]+$ ]] || return 1
-    comm=$(cat "/proc/$2/comm" 2>/dev/null) || return 1
-    state=$(awk '{print $3}' "/proc/$2/stat" 2>/dev/null) || return 1
-    [[ $comm == "$1" && $state != Z ]]
-}
 
 # alive NAME: the PID recorded for NAME is running.
 alive() { [[ -s $PIDDIR/$1.pid ]] && running "$1" "$(<"$PIDDIR/$1.pid")"; }
