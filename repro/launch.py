@@ -127,6 +127,11 @@ class StageJob:
             entry = read_state(root, self.run_id)["stages"].get(self.stage, {})
             record(root, self.run_id, self.stage, "running", job_id=job_id or entry.get("job_id"),
                    attempts=entry.get("attempts", 0) + 1, host=os.uname().nodename)
+        if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "WORLD_SIZE" not in os.environ:
+            import submitit
+
+            # rendezvous on the job's first node; repro.distributed picks the GPU by the local rank
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         threads = os.environ.get("SLURM_CPUS_PER_TASK")
         if threads:
             import torch
