@@ -408,6 +408,8 @@ def _executor(cluster: str, folder: Path, name: str, params: dict, profile: Prof
         extra = dict(profile.additional)
         if "dependency" in params:
             extra["dependency"] = params.pop("dependency")
+            # a failed parent cancels the child instead of leaving it pending forever, so --retry-failed redoes both
+            extra["kill_on_invalid_dep"] = "yes"
         ex.update_parameters(name=name, slurm_additional_parameters=extra, **params)
     else:
         ex.update_parameters(name=name, timeout_min=params.get("timeout_min", 60))

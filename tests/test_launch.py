@@ -93,7 +93,7 @@ def test_dry_run_submits_nothing(tmp_path, capsys):
     assert code == 0
     assert out.count("#!/bin/bash") == 27                 # 9 runs x (train, 2 sampling protocols)
     assert "would queue 27 jobs on slurm (18 unavailable)" in out
-    assert "#SBATCH --dependency='afterok:<train>'" in out
+    assert "#SBATCH --dependency='afterok:<train>'" in out and "#SBATCH --kill-on-invalid-dep=yes" in out
     assert not (root / "runs").exists()
 
 
