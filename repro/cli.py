@@ -286,6 +286,15 @@ def cmd_cancel(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- main
+def _study_arguments(p: argparse.ArgumentParser, required: bool = False) -> None:
+    """The study a command acts on (default: the one planned last) and the results root."""
+    if required:
+        p.add_argument("study", help="study YAML, e.g. experiments/dic_roadmap.yaml")
+    else:
+        p.add_argument("study", nargs="?", help="study YAML (default: the one planned last)")
+    p.add_argument("--results", help="results root (default: $REPRO_RESULTS or ./results)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="repro", description="Reproduce the DiC and DiCo tables against DiT.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -334,19 +343,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("plan", help="expand a study into runs and stages (and remember it as the last study)")
-    p.add_argument("study", help="study YAML, e.g. experiments/dic_roadmap.yaml")
+    _study_arguments(p, required=True)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--results", help="results root (default: $REPRO_RESULTS or ./results)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("status", help="state of every run and stage of a study (default: the last planned)")
-    p.add_argument("study", nargs="?")
+    _study_arguments(p)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--results", help="results root (default: $REPRO_RESULTS or ./results)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("submit", help="queue a study's stages on SLURM (or here); skips done and queued stages")
-    p.add_argument("study", nargs="?", help="study YAML (default: the last planned)")
+    _study_arguments(p)
     p.add_argument("--cluster", choices=("slurm", "local", "debug"),
                    help="slurm: submitit to SLURM; local: background processes here; debug: in this process "
                         "(default: the profile's cluster, else local)")
@@ -355,13 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-failed", action="store_true", help="resubmit failed and cancelled stages")
     p.add_argument("--only", nargs="+", metavar="STEP", help="only these steps of the study")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--results", help="results root (default: $REPRO_RESULTS or ./results)")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("cancel", help="cancel a study's queued and running stages")
-    p.add_argument("study", nargs="?", help="study YAML (default: the last planned)")
+    _study_arguments(p)
     p.add_argument("--only", nargs="+", metavar="STEP")
-    p.add_argument("--results", help="results root (default: $REPRO_RESULTS or ./results)")
     p.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser("extract-latents", help="encode an image folder once into VAE latents (resumable)")
