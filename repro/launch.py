@@ -110,8 +110,16 @@ def record(root: Path, run_id: str, stage: str, state: str, **fields) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- the jobs
+class _Resubmittable:
+    def checkpoint(self, *args, **kwargs):
+        """submitit's checkpoint protocol: all state lives in the run folders, so the same job is resubmitted."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
 @dataclass
-class StageJob:
+class StageJob(_Resubmittable):
     """One stage of one run, as submitit pickles it: runs on the compute node, records its own state."""
 
     root: str
@@ -174,15 +182,8 @@ class StageJob:
             from repro.sample import sample
 
             assert self.sample is not None
-            return str(sample(run_dir, _sample_overrides(self.sample), progress=False))
+            return str(sample(run_dir, dataclasses.asdict(self.sample), progress=False))
         raise ValueError(f"stage {self.stage} has no runner")
-
-    def checkpoint(self, *args, **kwargs):
-        """submitit's checkpoint protocol: state lives in the run folder, so the same job is resubmitted."""
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(self)
-
 
 class _Requeue(SystemExit):
     """Raised on ranks that stop for a requeue; rank 0 has already exited through submitit."""
@@ -192,7 +193,7 @@ class _Requeue(SystemExit):
 
 
 @dataclass
-class Chain:
+class Chain(_Resubmittable):
     """Stage jobs run one after another in one process (`--cluster local`); a failed stage stops its run's chain."""
 
     jobs: list[StageJob]
@@ -212,12 +213,6 @@ class Chain:
             raise RuntimeError(f"stages failed in runs {', '.join(sorted(failed))}; see their state.json")
         return out
 
-    def checkpoint(self, *args, **kwargs):
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(self)
-
-
 def _job_identity() -> tuple[str | None, int]:
     try:
         import submitit
@@ -228,11 +223,29 @@ def _job_identity() -> tuple[str | None, int]:
         return None, int(os.environ.get("RANK", 0))
 
 
-def _sample_overrides(s: SampleConfig) -> dict:
-    return dataclasses.asdict(s)
-
-
 # ---------------------------------------------------------------------------------------------- scheduler
+LIVE = ("submitted", "running", "requeued")   # state.json states in which a job may still be in the scheduler
+
+
+def _live_jobs(states: dict[str, dict], default_cluster: str, tolerant: bool = False) -> dict[str, str]:
+    """Job id -> scheduler state for every live job of these state.json files, each asked of its own cluster.
+    `tolerant`: where the scheduler cannot be reached, answer from state.json alone (status), instead of failing
+    (submit, which must not resubmit what may still be queued)."""
+    by_cluster: dict[str, list[str]] = {}
+    for st in states.values():
+        for e in st["stages"].values():
+            if e.get("state") in LIVE and e.get("job_id"):
+                by_cluster.setdefault(e.get("cluster") or default_cluster, []).append(e["job_id"])
+    out: dict[str, str] = {}
+    for cluster, ids in by_cluster.items():
+        try:
+            out.update(scheduler_states(ids, cluster))
+        except (ConfigError, OSError, subprocess.SubprocessError):
+            if not tolerant:
+                raise
+    return out
+
+
 def scheduler_states(job_ids: list[str], cluster: str) -> dict[str, str]:
     """Job id -> scheduler state (SLURM names), for the ids the scheduler still knows."""
     ids = sorted({j for j in job_ids if j})
@@ -323,14 +336,7 @@ def decide(plan: Plan, root: Path, cluster: str, retry_failed: bool = False,
     """What to do with each stage of the selected runs, from the run folders, state.json and the scheduler."""
     runs = select(plan, only)
     states = {r.id: read_state(root, r.id) for r in runs}
-    ids_by_cluster: dict[str, list[str]] = {}
-    for st in states.values():
-        for entry in st["stages"].values():
-            if entry.get("state") in ("submitted", "running", "requeued") and entry.get("job_id"):
-                ids_by_cluster.setdefault(entry.get("cluster", cluster), []).append(entry["job_id"])
-    sched = {}
-    for c, ids in ids_by_cluster.items():
-        sched.update(scheduler_states(ids, c))
+    sched = _live_jobs(states, cluster)
     out: list[Decision] = []
     for run in runs:
         disk = stage_states(run, root)
@@ -342,9 +348,9 @@ def decide(plan: Plan, root: Path, cluster: str, retry_failed: bool = False,
                 d = Decision(run, stage, "done", job_id=jid)
             elif stage.name.split(":")[0] not in RUNNABLE:
                 d = Decision(run, stage, "unavailable", "no runner yet (evaluation lands with issue 6)")
-            elif entry.get("state") in ("submitted", "running", "requeued") and sched.get(jid) in ACTIVE:
+            elif entry.get("state") in LIVE and sched.get(jid) in ACTIVE:
                 d = Decision(run, stage, "active", sched[jid].lower(), job_id=jid)
-            elif entry.get("state") in ("submitted", "running", "requeued", "failed", "cancelled") and not retry_failed:
+            elif entry.get("state") in (*LIVE, "failed", "cancelled") and not retry_failed:
                 why = entry.get("error") or sched.get(jid, "").lower() or entry.get("state")
                 d = Decision(run, stage, "failed", f"{why} (--retry-failed resubmits)", job_id=jid)
             else:
@@ -525,7 +531,7 @@ def cancel(plan: Plan, root: Path, only: tuple[str, ...] = ()) -> list[dict]:
     out = []
     for run in select(plan, only):
         for name, entry in read_state(root, run.id)["stages"].items():
-            if entry.get("state") not in ("submitted", "running", "requeued") or not entry.get("job_id"):
+            if entry.get("state") not in LIVE or not entry.get("job_id"):
                 continue
             jid, cluster = entry["job_id"], entry.get("cluster")
             if cluster == "slurm":
@@ -540,18 +546,9 @@ def cancel(plan: Plan, root: Path, only: tuple[str, ...] = ()) -> list[dict]:
 
 def job_view(plan: Plan, root: Path) -> dict[str, dict[str, dict]]:
     """Per run id and stage: the state.json entry merged with the scheduler's current state."""
-    states = {r.id: read_state(root, r.id)["stages"] for r in plan.runs}
-    by_cluster: dict[str, list[str]] = {}
-    for stages in states.values():
-        for e in stages.values():
-            if e.get("state") in ("submitted", "running", "requeued") and e.get("job_id"):
-                by_cluster.setdefault(e.get("cluster", "slurm"), []).append(e["job_id"])
-    sched = {}
-    for c, ids in by_cluster.items():
-        try:
-            sched.update(scheduler_states(ids, c))
-        except (ConfigError, OSError, subprocess.SubprocessError):
-            pass  # no scheduler reachable from here: state.json alone
+    full = {r.id: read_state(root, r.id) for r in plan.runs}
+    sched = _live_jobs(full, "slurm", tolerant=True)
+    states = {rid: st["stages"] for rid, st in full.items()}
     out: dict[str, dict[str, dict]] = {}
     for rid, stages in states.items():
         out[rid] = {}
