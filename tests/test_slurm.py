@@ -93,9 +93,14 @@ def test_tiny_roadmap_on_slurm_concurrent_submits_status_and_resubmit(tmp_path):
             if st["name"].split(":")[0] in ("train", "sample"):
                 assert st["state"] == "done" and st["job"] == "done" and st["cluster"] == "slurm", st
                 assert st.get("scheduler", "COMPLETED") == "COMPLETED", st
-    acct = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j",
-                           ",".join(j["job_id"] for j in jobs)], capture_output=True, text=True).stdout
-    assert sorted(line.split("|")[1] for line in acct.splitlines()) == ["COMPLETED"] * 18, acct
+    def acct() -> list[str]:
+        out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j",
+                              ",".join(j["job_id"] for j in jobs)], capture_output=True, text=True).stdout
+        return sorted(line.split("|")[1] for line in out.splitlines())
+
+    # a job records `done` just before its process exits: the scheduler may say RUNNING for a moment longer
+    _wait(lambda: "RUNNING" not in acct(), 60, "the last job to exit")
+    assert acct() == ["COMPLETED"] * 18, acct()
 
     again = _cli("submit", "--cluster", "slurm", "--profile", "slurm/profiles/localhost.yaml", "--results", str(root))
     assert "queued 0 jobs on slurm (18 done, 9 unavailable)" in again.stdout, again.stdout + again.stderr
