@@ -265,7 +265,7 @@ def cmd_submit(args) -> int:
     counts: dict[str, int] = {}
     for d in result.decisions:
         counts[d.action] = counts.get(d.action, 0) + 1
-        if d.action in ("failed", "blocked", "unavailable"):
+        if d.action in ("failed", "blocked"):
             console.print(f"{d.run.step} {d.stage.name}: {d.action}: {d.detail}", markup=False, highlight=False)
     verb = "would queue" if args.dry_run else "queued"
     rest = ", ".join(f"{n} {a}" for a, n in counts.items() if a != "submit")
@@ -282,6 +282,51 @@ def cmd_cancel(args) -> int:
     for j in done:
         print(f"cancelled {j['step']} {j['stage']} (job {j['job_id']})")
     print(f"{plan.study.study.study}: cancelled {len(done)} stages")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+def cmd_evaluate(args) -> int:
+    from repro.config import METRICS, EvalConfig
+    from repro.evaluate import evaluate_file
+    from repro.plan import results_root
+    from repro.rundir import atomic_write_text
+
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip()) if args.metrics else METRICS
+    for m in metrics:
+        if m not in METRICS:
+            raise UsageError(f"--metrics: unknown metric {m!r}; choose from {', '.join(METRICS)}")
+    if args.extractor == "inception" and not args.ref:
+        raise UsageError("--ref: the inception extractor needs a reference (e.g. VIRTUAL_imagenet256_labeled.npz, "
+                         "an image folder or an npz of images)")
+    cfg = EvalConfig(extractor=args.extractor, reference=args.ref, mode=args.mode, metrics=metrics,
+                     inception=args.inception, classifier=args.classifier, allow_download=args.allow_download,
+                     batch_size=args.batch)
+    quiet = args.json
+    record = evaluate_file(Path(args.samples), cfg, results_root(args.results) / ".cache",
+                           log=(lambda *_: None) if quiet else lambda m: print(m, file=sys.stderr))
+    text = json.dumps(record, indent=2)
+    if args.out:
+        atomic_write_text(args.out, text + "\n")
+    if args.json:
+        print(text)
+        return 0
+    p = record["protocol"]
+    table = Table(title=f"{args.samples}: {p['num_evaluated']:,} samples against {p['reference']}")
+    for col in ("metric", "value", "measured as"):
+        table.add_column(col, justify="right" if col == "value" else "left")
+    for m, v in record["metrics"].items():
+        table.add_row(m, "–" if v is None else f"{v:.4f}",
+                      record["labels"][m] if v is not None else f"unavailable: {record['unavailable'].get(m)}")
+    console = _console()
+    console.print(table)
+    weights = f"{p['extractor_weights']} (sha256 {p['extractor_sha256'][:12]})"
+    console.print(f"extractor: {p['extractor_label']}, {weights}; reference {p['reference']} "
+                  f"(sha256 {p['reference_sha256'][:12]}, {p['reference_kind']}); IS split {p['is_split_size']}, "
+                  f"P/R k={p['pr_k']}; code {p['code_commit'][:10]}", markup=False, highlight=False)
+    if record["paper_protocol"]["differences"]:
+        console.print("not the papers' protocol: " + "; ".join(record["paper_protocol"]["differences"]),
+                      markup=False, highlight=False)
     return 0
 
 
@@ -341,6 +386,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="sample the raw weights instead of the EMA")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("evaluate", help="FID, IS, sFID, precision and recall of a samples npz, with the protocol")
+    p.add_argument("samples", help="samples npz (uint8 NHWC under arr_0, as `repro sample` and ADM write them)")
+    p.add_argument("--ref", help="reference: ADM batch npz, clean-fid stats npz, image npz, image folder, or "
+                                 "fashion-mnist:train|test (default for --extractor fashion-mnist: its train split)")
+    p.add_argument("--extractor", default="inception", choices=("inception", "fashion-mnist"))
+    p.add_argument("--mode", default="legacy_tensorflow", choices=("legacy_tensorflow", "clean"),
+                   help="clean-fid preprocessing for Inception (legacy_tensorflow is closest to ADM)")
+    p.add_argument("--inception", help="inception-2015-12-05.pt (default: $REPRO_INCEPTION, then /tmp)")
+    p.add_argument("--classifier", help="Fashion-MNIST classifier file (default: trained once under the results root)")
+    p.add_argument("--metrics", help="comma-separated subset of fid,is,sfid,precision,recall (default: all)")
+    p.add_argument("--batch", type=int, default=64, help="images per extractor forward")
+    p.add_argument("--allow-download", action="store_true", help="fetch missing Inception weights (online only)")
+    p.add_argument("--results", help="results root holding the caches (default: $REPRO_RESULTS or ./results)")
+    p.add_argument("--json", action="store_true", help="print the eval record as JSON")
+    p.add_argument("--out", help="also write the eval record to this file (atomically)")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("plan", help="expand a study into runs and stages (and remember it as the last study)")
     _study_arguments(p, required=True)

@@ -161,6 +161,16 @@ def protocol_id(s: SampleConfig) -> str:
     return f"{s.sampler}{s.steps.replace(',', '_')}-cfg{s.cfg_scale:g}{guide}-{s.labels}-n{s.num_samples}-seed{s.seed}"
 
 
+def sample_stem(pid: str, step: int | None = None) -> str:
+    """samples/<stem>.npz of protocol `pid`: the newest checkpoint's, or an intermediate step's (`-ckpt<step>`)."""
+    return pid if step is None else f"{pid}-ckpt{step}"
+
+
+def sample_stems(pid: str, checkpoints: tuple[int, ...] = ()) -> list[str]:
+    """The sample sets of one protocol: the newest checkpoint's, then each listed intermediate step's."""
+    return [pid, *(sample_stem(pid, k) for k in sorted(set(checkpoints)))]
+
+
 def load_run_config(path: str | Path) -> RunConfig:
     """Read a run config file strictly; ConfigError names file:line: dotted.key on any mistake."""
     data, lines = read_yaml(path)
@@ -403,6 +413,69 @@ class Cost:
     step_seconds: float | None = None
 
 
+METRICS = ("fid", "is", "sfid", "precision", "recall")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How a study's samples are scored (never part of a run's identity; it names the eval file instead).
+
+    Defaults are the papers' metrics through clean-fid's Inception in `legacy_tensorflow` mode (the mode closest to
+    the ADM evaluator); the reference must be given for Inception (e.g. ADM's VIRTUAL_imagenet256_labeled.npz).
+    The CPU studies use `extractor: fashion-mnist`, whose reference defaults to the training split.
+    """
+
+    extractor: Literal["inception", "fashion-mnist"] = "inception"
+    reference: str | None = None
+    mode: Literal["legacy_tensorflow", "clean"] = "legacy_tensorflow"
+    metrics: tuple[Literal["fid", "is", "sfid", "precision", "recall"], ...] = METRICS
+    inception: str | None = None        # inception-2015-12-05.pt (default $REPRO_INCEPTION, then clean-fid's /tmp)
+    classifier: str | None = None       # default <results>/.cache/extractors/fashion-mnist-classifier.pt
+    allow_download: bool = False        # compute nodes are usually offline: never download unless asked
+    checkpoints: tuple[int, ...] = ()   # intermediate training steps also sampled and scored (FID against step)
+    batch_size: int = 64
+
+    def __post_init__(self):
+        if self.extractor == "inception" and not self.reference:
+            raise ConfigError("the inception extractor needs a reference (e.g. VIRTUAL_imagenet256_labeled.npz)",
+                              key="reference")
+        if not self.metrics:
+            raise ConfigError("name at least one metric", key="metrics")
+        if self.batch_size < 1 or any(c < 1 for c in self.checkpoints):
+            raise ConfigError("batch_size and checkpoint steps must be >= 1", key="checkpoints")
+
+    @property
+    def reference_spec(self) -> str:
+        return self.reference or "fashion-mnist:train"
+
+    @property
+    def tag(self) -> str:
+        """Names the eval file beside the sample protocol: extractor, mode and reference."""
+        ref = self.reference_spec
+        ref = ref.split(":", 1)[1] if ref.startswith("fashion-mnist:") else Path(ref.rstrip("/")).stem
+        ref = "".join(c if c.isalnum() or c in "_-" else "_" for c in ref)
+        if self.extractor == "fashion-mnist":
+            return f"fmnist-{ref}"
+        return f"inception_{'tf' if self.mode == 'legacy_tensorflow' else 'clean'}-{ref}"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """The bench stage: parameters, GMACs and denoiser throughput under `specs/protocol.md` section 8."""
+
+    batch: int = 64
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    flags: Literal["strict_fp32", "torch_default"] = "strict_fp32"
+    attention: Literal["fused", "math"] = "fused"
+    warmup: int = 20
+    iters: int = 20
+    repeats: int = 3
+
+    def __post_init__(self):
+        if min(self.batch, self.iters, self.repeats) < 1 or self.warmup < 0:
+            raise ConfigError("batch, iters and repeats must be >= 1, warmup >= 0", key="batch")
+
+
 @dataclass(frozen=True)
 class Study:
     """A paper's table written once: defaults, steps (+ grid), sampling protocols, stages and resources."""
@@ -418,6 +491,8 @@ class Study:
     stages: tuple[Literal["train", "sample", "evaluate", "bench"], ...] = ("train", "sample", "evaluate")
     resources: Resources = field(default_factory=Resources)
     cost: Cost = field(default_factory=Cost)
+    evaluate: EvalConfig | None = None   # required when the study has an evaluate stage
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
 
 @dataclass(frozen=True)
@@ -497,6 +572,15 @@ def load_study(path: str | Path) -> LoadedStudy:
         checked[step.name] = checks.check(configs[step.name], where, f"{key}.config.model")
     if study.paper is not None:
         _check_paper_rows(study, path, where)
+    if "evaluate" in study.stages and study.evaluate is None:
+        raise ConfigError(f"{where.at('stages')}: an evaluate stage needs an `evaluate:` section "
+                          f"(extractor and reference)")
+    if study.evaluate is not None:
+        for k in study.evaluate.checkpoints:
+            short = [name for name, c in configs.items() if k >= c.train.steps]
+            if short:
+                raise ConfigError(f"{where.at('evaluate.checkpoints')}: step {k} is not before the end of training "
+                                  f"of {', '.join(short)} (the final checkpoint is always evaluated)")
     samples = []
     for i, proto in enumerate(study.samples):
         sample_raw = deep_merge(study.defaults.get("sample", {}), proto)

@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from repro import rundir
-from repro.config import ConfigError, RunConfig, SampleConfig, Where, from_dict, protocol_id, read_yaml
+from repro.config import (BenchConfig, ConfigError, EvalConfig, RunConfig, SampleConfig, Where, from_dict, protocol_id,
+                          read_yaml)
 from repro.errors import did_you_mean
 from repro.plan import Plan, Run, Stage, stage_states
 
 CLUSTERS = ("slurm", "local", "debug")
-RUNNABLE = ("train", "sample")   # evaluate and bench stages have no runner yet: they are reported, not submitted
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
           "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
 
@@ -127,6 +127,8 @@ class StageJob(_Resubmittable):
     stage: str
     config: RunConfig
     sample: SampleConfig | None = None
+    evaluation: EvalConfig | None = None
+    bench: BenchConfig | None = None
 
     def __call__(self) -> str:
         root = Path(self.root)
@@ -170,8 +172,9 @@ class StageJob(_Resubmittable):
             if callable(submitit_handler):
                 # finish the step and checkpoint first; submitit's own handler then requeues the job
                 signal.signal(signal.SIGUSR2, lambda *_: asked.append(True))
+            keep = self.evaluation.checkpoints if self.evaluation is not None else ()
             try:
-                train(self.config, run_dir, progress=False, stop=lambda: bool(asked))
+                train(self.config, run_dir, progress=False, stop=lambda: bool(asked), keep_steps=keep)
             except Interrupted as e:
                 record(Path(self.root), self.run_id, self.stage, "requeued", interrupted_at=e.step)
                 if callable(submitit_handler):
@@ -182,7 +185,20 @@ class StageJob(_Resubmittable):
             from repro.sample import sample
 
             assert self.sample is not None
-            return str(sample(run_dir, dataclasses.asdict(self.sample), progress=False))
+            out = sample(run_dir, dataclasses.asdict(self.sample), progress=False)
+            for step in self.evaluation.checkpoints if self.evaluation is not None else ():
+                sample(run_dir, dataclasses.asdict(self.sample), progress=False, step=step)
+            return str(out)
+        if self.stage.startswith("evaluate:"):
+            from repro.evaluate import evaluate_run
+
+            assert self.sample is not None and self.evaluation is not None
+            paths = evaluate_run(run_dir, self.sample, self.evaluation, Path(self.root) / ".cache")
+            return ", ".join(str(p) for p in paths)
+        if self.stage == "bench":
+            from repro.evaluate import bench_run
+
+            return str(bench_run(run_dir, self.config, self.bench or BenchConfig()))
         raise ValueError(f"stage {self.stage} has no runner")
 
 class _Requeue(SystemExit):
@@ -289,7 +305,7 @@ def _local_alive(job_id: str) -> bool:
 class Decision:
     run: Run
     stage: Stage
-    action: str          # submit | done | active | failed | blocked | unavailable
+    action: str          # submit | done | active | failed | blocked
     detail: str = ""
     job_id: str | None = None
 
@@ -346,8 +362,6 @@ def decide(plan: Plan, root: Path, cluster: str, retry_failed: bool = False,
             jid = entry.get("job_id")
             if disk[stage.name]["state"] == "done":
                 d = Decision(run, stage, "done", job_id=jid)
-            elif stage.name.split(":")[0] not in RUNNABLE:
-                d = Decision(run, stage, "unavailable", "no runner yet (evaluation lands with issue 6)")
             elif entry.get("state") in LIVE and sched.get(jid) in ACTIVE:
                 d = Decision(run, stage, "active", sched[jid].lower(), job_id=jid)
             elif entry.get("state") in (*LIVE, "failed", "cancelled") and not retry_failed:
@@ -356,7 +370,7 @@ def decide(plan: Plan, root: Path, cluster: str, retry_failed: bool = False,
             else:
                 d = Decision(run, stage, "submit")
             parents = [mine[p] for p in stage.after if p in mine]
-            if d.action == "submit" and any(p.action in ("failed", "blocked", "unavailable") for p in parents):
+            if d.action == "submit" and any(p.action in ("failed", "blocked") for p in parents):
                 d = Decision(run, stage, "blocked", "waits on a stage that cannot run")
             mine[stage.name] = d
             out.append(d)
@@ -399,10 +413,11 @@ def submit(plan: Plan, root: Path, cluster: str, profile: Profile | None = None,
 
 def _job(d: Decision, plan: Plan, root: Path) -> StageJob:
     sample = None
-    if d.stage.name.startswith("sample:"):
+    if d.stage.name.startswith(("sample:", "evaluate:")):
         pid = d.stage.name.split(":", 1)[1]
         sample = next(s for s in plan.study.samples if protocol_id(s) == pid)
-    return StageJob(str(root), d.run.id, d.stage.name, d.run.config, sample)
+    study = plan.study.study
+    return StageJob(str(root), d.run.id, d.stage.name, d.run.config, sample, study.evaluate, study.bench)
 
 
 def _executor(cluster: str, folder: Path, name: str, params: dict, profile: Profile):

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from repro import rundir
-from repro.config import (ConfigError, LoadedStudy, RunConfig, SampleConfig, identity_id, load_study, protocol_id,
-                          run_identity, step_rows, to_dict)
+from repro.config import (ConfigError, EvalConfig, LoadedStudy, RunConfig, SampleConfig, identity_id, load_study,
+                          protocol_id, run_identity, sample_stems, step_rows, to_dict)
 
 RESULTS_ENV = "REPRO_RESULTS"
 LAST_STUDY = ".last_study"
@@ -49,6 +49,12 @@ class Run:
     stages: tuple[Stage, ...]
     switches: dict
     gpu_hours: float | None
+    evaluation: EvalConfig | None = None   # the study's evaluate section (names the eval files)
+
+    @property
+    def checkpoints(self) -> tuple[int, ...]:
+        """Intermediate training steps that are sampled and scored besides the last."""
+        return self.evaluation.checkpoints if self.evaluation is not None else ()
 
     @property
     def model(self) -> str:
@@ -94,7 +100,7 @@ def expand(loaded: LoadedStudy) -> Plan:
                 hours = cfg.train.steps * s.cost.step_seconds * gpus / 3600
             runs.append(Run(id=identity_id(identity), step=step.name, label=step.label or step.name,
                             rows=step_rows(step), seed=seed, config=cfg, config_dict=cfg_dict, samples=loaded.samples,
-                            stages=tuple(stages), switches=switches, gpu_hours=hours))
+                            stages=tuple(stages), switches=switches, gpu_hours=hours, evaluation=s.evaluate))
     ids = [r.id for r in runs]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -125,16 +131,17 @@ def stage_states(run: Run, root: Path) -> dict[str, dict]:
                 info["eta_s"] = (run.config.train.steps - info["step"]) / rate
             out["train"] = info
         elif stage.name.startswith("sample:"):
-            pid = stage.name.split(":", 1)[1]
-            npz = paths.samples / f"{pid}.npz"
-            shards = list(paths.samples.glob(f".{pid}.*.shards/*.npz")) if paths.samples.is_dir() else []
-            out[stage.name] = {"state": "done" if npz.with_suffix(".json").exists() else
-                               ("partial" if shards else "new")}
+            stems = sample_stems(stage.name.split(":", 1)[1], run.checkpoints)
+            done = sum(paths.samples_file(stem).with_suffix(".json").exists() for stem in stems)
+            shards = list(paths.samples.glob(f".{stems[0]}*.shards/*.npz")) if paths.samples.is_dir() else []
+            out[stage.name] = {"state": "done" if done == len(stems) else ("partial" if shards or done else "new")}
         elif stage.name.startswith("evaluate:"):
-            pid = stage.name.split(":", 1)[1]
-            out[stage.name] = {"state": "done" if (paths.root / "eval" / f"{pid}.json").exists() else "new"}
+            stems = sample_stems(stage.name.split(":", 1)[1], run.checkpoints)
+            done = sum(paths.eval_file(stem, run.evaluation.tag).exists() for stem in stems) \
+                if run.evaluation is not None else 0
+            out[stage.name] = {"state": "done" if done == len(stems) else ("partial" if done else "new")}
         elif stage.name == "bench":
-            out[stage.name] = {"state": "done" if (paths.root / "bench.json").exists() else "new"}
+            out[stage.name] = {"state": "done" if paths.bench.exists() else "new"}
     assert set(out) == {s.name for s in run.stages}
     return out
 

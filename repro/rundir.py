@@ -52,6 +52,17 @@ class RunPaths:
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"{step:07d}.pt"
 
+    def samples_file(self, stem: str) -> Path:
+        return self.samples / f"{stem}.npz"
+
+    def eval_file(self, stem: str, tag: str) -> Path:
+        """eval/<sample stem>.<eval tag>.json: one sample set scored under one evaluation protocol."""
+        return self.root / "eval" / f"{stem}.{tag}.json"
+
+    @property
+    def bench(self) -> Path:
+        return self.root / "bench.json"
+
 
 # ---------------------------------------------------------------------------------------------- job state
 @contextlib.contextmanager
@@ -111,9 +122,11 @@ def save_atomic(obj, path: Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def prune_checkpoints(paths: RunPaths, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints."""
+def prune_checkpoints(paths: RunPaths, keep: int, keep_steps: tuple[int, ...] = ()) -> None:
+    """Delete all but the newest `keep` checkpoints and those at `keep_steps`."""
     for step in checkpoint_steps(paths)[:-keep]:
+        if step in keep_steps:
+            continue
         with contextlib.suppress(FileNotFoundError):
             paths.checkpoint(step).unlink()
 

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from repro import distributed, models, rundir
-from repro.config import ConfigError, RunConfig, SampleConfig, config_hash, load_run_record, protocol_id
+from repro.config import (ConfigError, RunConfig, SampleConfig, config_hash, load_run_record, protocol_id,
+                          sample_stem)
 from repro.data import VAE, to_uint8
 from repro.diffusion import cfg_model_fn, create_diffusion
 from repro.train import seed_for
@@ -42,15 +43,22 @@ def sample_labels(s: SampleConfig, num_classes: int, total: int) -> torch.Tensor
     return (torch.arange(total) % num_classes)[torch.randperm(total, generator=g)]
 
 
-def sample(run_dir: str | Path, overrides: dict | None = None, progress: bool = False) -> Path:
-    """Sample the run in `run_dir` with its sample config plus `overrides`; returns the npz path (resumable)."""
+def sample(run_dir: str | Path, overrides: dict | None = None, progress: bool = False,
+           step: int | None = None) -> Path:
+    """Sample the run in `run_dir` with its sample config plus `overrides`; returns the npz path (resumable).
+
+    `step` samples an intermediate checkpoint instead of the newest, into samples/<protocol>-ckpt<step>.npz.
+    """
     run_dir = Path(run_dir)
     cfg = load_run(run_dir)
     s = dataclasses.replace(cfg.sample, **(overrides or {}))
     paths = rundir.RunPaths(run_dir)
-    ckpt = rundir.latest_checkpoint(paths)
+    ckpt = rundir.latest_checkpoint(paths) if step is None else paths.checkpoint(step)
     if ckpt is None:
         raise ConfigError(f"{paths.checkpoints}: no checkpoint to sample from")
+    if not ckpt.is_file():
+        raise ConfigError(f"{ckpt}: no checkpoint at step {step} (list it in evaluate.checkpoints before training "
+                          f"so that it is kept)")
     env = distributed.init()
     device = env.device
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -68,7 +76,7 @@ def sample(run_dir: str | Path, overrides: dict | None = None, progress: bool = 
             raise ConfigError("data.vae: a latent model needs the VAE folder to decode its samples")
         vae = VAE(cfg.data.vae, device)
 
-    stem = protocol_id(s)
+    stem = sample_stem(protocol_id(s), step)
     npz = paths.samples / f"{stem}.npz"
     done = npz.with_suffix(".json")
     if npz.exists() and done.exists():

@@ -118,12 +118,15 @@ def check_run_dir(paths: rundir.RunPaths, cfg: RunConfig) -> bool:
 
 
 def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
-          stop: Callable[[], bool] | None = None) -> dict:
+          stop: Callable[[], bool] | None = None, keep_steps: tuple[int, ...] = ()) -> dict:
     """Train the run in `run_dir` to `cfg.train.steps`, resuming from its newest checkpoint; returns last metrics.
 
     `stop` is asked after every step (the launcher sets it on SIGUSR2, SLURM's warning before preemption or the
     time limit); when any rank says yes, every rank stops at that same step, a checkpoint is written and
     `Interrupted` is raised, so the requeued job resumes exactly there.
+
+    `keep_steps` are also checkpointed and never pruned (a study evaluates them: FID against training step);
+    resume is bit-exact, so extra checkpoints do not change the run.
     """
     t = cfg.train
     # ---------------------------------------------------------------- set-up: processes, precision, folder
@@ -260,7 +263,7 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
             log.advance(step)
 
         stopping = stop is not None and step < t.steps and _anyone(stop(), env, device)
-        if step % t.ckpt_every == 0 or step == t.steps or stopping:
+        if step % t.ckpt_every == 0 or step == t.steps or stopping or step in keep_steps:
             if window_steps and not torch.isfinite(distributed.all_mean(sums, env)).all():
                 raise TrainingDiverged(f"non-finite loss before step {step}; the checkpoint was not written; "
                                        f"last good checkpoint: {rundir.latest_checkpoint(paths) or 'none'}")
@@ -271,7 +274,7 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
                     "rng": _rng_state(), "world": env.world, "config_hash": config_hash(cfg), "model_spec": spec,
                     "config": to_dict(cfg),
                 }, paths.checkpoint(step))
-                rundir.prune_checkpoints(paths, t.keep_last)
+                rundir.prune_checkpoints(paths, t.keep_last, keep_steps)
             distributed.barrier(env)
         if stopping:
             log.close()

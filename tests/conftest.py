@@ -1,5 +1,7 @@
 """Tiny versions of the presets: the same classes and switches at widths and depths a CPU runs in milliseconds."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -45,3 +47,25 @@ def randomize_(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+
+@pytest.fixture(scope="session")
+def classifier(tmp_path_factory) -> Path:
+    """The real Fashion-MNIST classifier, trained once for the whole test session (about 2-3 minutes on 2 cores)."""
+    from repro.metrics.extractors import train_classifier
+
+    if not FASHION.exists():
+        pytest.skip("Debian package dataset-fashion-mnist is not installed")
+    path = tmp_path_factory.mktemp("extractors") / "fashion-mnist-classifier.pt"
+    train_classifier(path, log=lambda *_: None)
+    return path
+
+
+@pytest.fixture(scope="session")
+def stats_cache(tmp_path_factory) -> Path:
+    """One statistics cache for the session (the training split's statistics are computed once); it sits where the
+    CLI and the evaluate stage look for it, <results>/.cache."""
+    return tmp_path_factory.mktemp("results") / ".cache"

@@ -23,14 +23,17 @@ needs_fashion = pytest.mark.skipif(not FASHION.exists(), reason="Debian package 
 GOLDEN_SBATCH = Path(__file__).parent / "golden" / "sbatch_train.txt"
 
 
-def short_study(folder: Path, steps: int = 6, **train) -> Path:
-    """The tiny DiC roadmap, shortened to seconds per run (same steps, same switches)."""
+def short_study(folder: Path, steps: int = 6, stages: tuple[str, ...] = ("train", "sample"), extra: str = "",
+                **train) -> Path:
+    """The tiny DiC roadmap, shortened to seconds per run (same steps, same switches); without evaluation unless
+    asked for (it trains the Fashion-MNIST classifier on first use)."""
     tr = {"steps": steps, "global_batch": 8, "ckpt_every": 1000, "log_every": 3, **train}
     text = (f"extends: {ROOT / 'experiments/tiny/dic_roadmap.yaml'}\n"
             f"study: short_roadmap\n"
+            f"stages: {json.dumps(list(stages))}\n"
             f"defaults:\n"
             f"  train: {json.dumps(tr)}\n"
-            f"  sample: {{num_samples: 8, per_proc_batch: 8, steps: '5'}}\n")
+            f"  sample: {{num_samples: 8, per_proc_batch: 8, steps: '5'}}\n" + extra)
     path = folder / "short.yaml"
     path.write_text(text)
     return path
@@ -91,8 +94,8 @@ def test_dry_run_submits_nothing(tmp_path, capsys):
                  "slurm/profiles/example.yaml", "--dry-run", "--results", str(root)])
     out = capsys.readouterr().out
     assert code == 0
-    assert out.count("#!/bin/bash") == 27                 # 9 runs x (train, 2 sampling protocols)
-    assert "would queue 27 jobs on slurm (18 unavailable)" in out
+    assert out.count("#!/bin/bash") == 45                 # 9 runs x (train, 2 x (sample, evaluate))
+    assert "would queue 45 jobs on slurm" in out
     assert "#SBATCH --dependency='afterok:<train>'" in out and "#SBATCH --kill-on-invalid-dep=yes" in out
     assert not (root / "runs").exists()
 
@@ -117,7 +120,7 @@ def test_debug_submit_runs_every_stage_and_a_second_submit_queues_nothing(tmp_pa
     root = tmp_path / "results"
     assert main(["submit", str(study), "--cluster", "debug", "--only", "isotropic", "dit",
                  "--results", str(root)]) == 0
-    assert "queued 4 jobs on debug (2 unavailable)" in capsys.readouterr().out
+    assert "queued 4 jobs on debug" in capsys.readouterr().out
     plan = expand(load_study(study))
     for run in plan.runs:
         st = read_state(root, run.id)["stages"]
@@ -129,7 +132,7 @@ def test_debug_submit_runs_every_stage_and_a_second_submit_queues_nothing(tmp_pa
             assert st == {}
     assert main(["submit", str(study), "--cluster", "debug", "--only", "isotropic", "dit",
                  "--results", str(root)]) == 0
-    assert "queued 0 jobs on debug (4 done, 2 unavailable)" in capsys.readouterr().out
+    assert "queued 0 jobs on debug (4 done)" in capsys.readouterr().out
     assert main(["status", "--json", "--results", str(root)]) == 0   # the last study: submit remembers it
     runs = {r["step"]: r for r in json.loads(capsys.readouterr().out)["runs"]}
     assert runs["dit"]["stages"][0]["job"] == "done" and runs["dit"]["stages"][0]["cluster"] == "debug"
@@ -151,7 +154,7 @@ def test_a_failed_stage_is_recorded_blocks_its_children_and_is_retried_on_reques
     st = read_state(root, run.id)["stages"]
     assert st["train"]["state"] == "failed" and "disk full" in st["train"]["error"]
     actions = {d.stage.name.split(":")[0]: d.action for d in decide(plan, root, "debug", only=("dit",))}
-    assert actions == {"train": "failed", "sample": "blocked", "evaluate": "unavailable"}
+    assert actions == {"train": "failed", "sample": "blocked"}
     monkeypatch.undo()
     monkeypatch.setattr("pdb.post_mortem", lambda *a, **k: None)
     assert [d.action for d in decide(plan, root, "debug", retry_failed=True, only=("dit",))][:2] == ["submit"] * 2
@@ -272,3 +275,62 @@ def test_slurm_without_its_commands_is_a_one_line_error(tmp_path, capsys, monkey
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "sbatch not found on PATH" in err
     assert not (tmp_path / "results" / "runs").exists()
+
+
+@needs_fashion
+def test_evaluate_and_bench_stages_write_their_records_with_the_protocol(tmp_path, classifier, stats_cache, capsys):
+    """train -> sample (final and an intermediate checkpoint) -> evaluate, and bench, through the launcher."""
+    extra = (f"evaluate: {{extractor: fashion-mnist, classifier: '{classifier}', checkpoints: [3]}}\n"
+             f"bench: {{batch: 4, warmup: 1, iters: 2, repeats: 1}}\n")
+    study = short_study(tmp_path, stages=("train", "sample", "evaluate", "bench"), extra=extra)
+    root = tmp_path / "results"
+    root.mkdir()
+    (root / ".cache").symlink_to(stats_cache, target_is_directory=True)
+    stats_cache.mkdir(parents=True, exist_ok=True)
+    assert main(["submit", str(study), "--cluster", "debug", "--only", "dit", "--results", str(root)]) == 0
+    assert "queued 4 jobs on debug" in capsys.readouterr().out
+    plan = expand(load_study(study))
+    run = next(r for r in plan.runs if r.step == "dit")
+    states = read_state(root, run.id)["stages"]
+    assert {k: v["state"] for k, v in states.items()} == {s.name: "done" for s in run.stages}, states
+    pid = run.stages[1].name.split(":", 1)[1]
+    folder = root / "runs" / run.id
+    for stem, step in ((pid, 6), (f"{pid}-ckpt3", 3)):
+        record = json.loads((folder / "eval" / f"{stem}.fmnist-train.json").read_text())
+        p = record["protocol"]
+        for key in ("sampler", "steps", "cfg_scale", "guide_channels", "num_samples", "labels", "seed",
+                    "reference", "reference_sha256", "extractor", "extractor_sha256", "cleanfid_mode",
+                    "code_commit", "checkpoint_step", "samples_sha256"):
+            assert key in p, key
+        assert p["checkpoint_step"] == step and p["num_samples"] == 8 and p["sampler"] == "ddim"
+        assert p["reference"] == "fashion-mnist:train" and p["extractor"] == "fashion-mnist"
+        assert len(p["extractor_sha256"]) == 64 and len(p["code_commit"]) in (40, 7)
+        assert set(record["metrics"]) == {"fid", "is", "sfid", "precision", "recall"}
+        assert all(v is not None and v == v for v in record["metrics"].values())
+        assert record["labels"]["fid"] == "FID-8 (Fashion-MNIST classifier)"
+        assert "8 samples, not 50K" in record["paper_protocol"]["differences"]
+    bench = json.loads((folder / "bench.json").read_text())
+    assert bench["params"] > 0 and bench["gmacs"] > 0 and bench["img_per_s"] > 0
+    assert bench["throughput_protocol"]["batch"] == 4 and bench["throughput_protocol"]["flags"]["profile"]
+    # everything is done: a second submit queues nothing, and status says so
+    assert main(["submit", str(study), "--cluster", "debug", "--only", "dit", "--results", str(root)]) == 0
+    assert "queued 0 jobs on debug (4 done)" in capsys.readouterr().out
+
+
+def test_an_evaluate_stage_without_weights_fails_with_one_line(tmp_path, capsys):
+    missing = tmp_path / "weights" / "inception-2015-12-05.pt"
+    extra = f"evaluate: {{extractor: inception, reference: '{tmp_path / 'ref.npz'}', inception: '{missing}'}}\n"
+    study = short_study(tmp_path, stages=("evaluate",), extra=extra)
+    root = tmp_path / "results"
+    # the samples exist (as if sampled elsewhere), the Inception weights do not
+    plan = expand(load_study(study))
+    run = next(r for r in plan.runs if r.step == "dit")
+    pid = run.stages[0].name.split(":", 1)[1]
+    import numpy as np
+
+    (root / "runs" / run.id / "samples").mkdir(parents=True)
+    np.savez(root / "runs" / run.id / "samples" / f"{pid}.npz", arr_0=np.zeros((8, 32, 32, 1), np.uint8))
+    submit(plan, root, "debug", only=("dit",))
+    st = read_state(root, run.id)["stages"][run.stages[0].name]
+    assert st["state"] == "failed"
+    assert "\n" not in st["error"] and str(missing) in st["error"] and "Inception weights not found" in st["error"]

@@ -121,7 +121,8 @@ def measure(models: dict[str, nn.Module], settings: BenchSettings) -> dict:
     inputs = {}
     for name, model in models.items():
         model.eval()
-        x = torch.randn(n, model.in_channels, settings.latent_size, settings.latent_size, device=dev, dtype=dtype)
+        # the model's own input side: latent models are built at resolution / 8, pixel models at the resolution
+        x = torch.randn(n, model.in_channels, model.input_size, model.input_size, device=dev, dtype=dtype)
         t = torch.randint(0, 1000, (n,), device=dev)
         y = torch.randint(0, model.num_classes, (n,), device=dev)
         inputs[name] = (x, t, y)
@@ -142,7 +143,8 @@ def measure(models: dict[str, nn.Module], settings: BenchSettings) -> dict:
     rows = []
     for name in models:
         rates = [settings.iters * n / s for s in times[name]]
-        rows.append(dict(model=name, img_per_s=statistics.median(rates), img_per_s_repeats=rates))
+        rows.append(dict(model=name, img_per_s=statistics.median(rates), img_per_s_repeats=rates,
+                         input=list(inputs[name][0].shape[1:])))
     base = rows[0]["img_per_s"]
     for row in rows:
         row["ratio_to_first"] = row["img_per_s"] / base
