@@ -33,6 +33,18 @@ def _print_json(data) -> None:
     print(json.dumps(data, indent=2 if sys.stdout.isatty() else None))
 
 
+def _write_and_print(record: dict, args) -> bool:
+    """--out FILE writes the record (atomically); --json prints it. True when printed (the table is skipped)."""
+    from repro.rundir import atomic_write_text
+
+    text = json.dumps(record, indent=2)
+    if args.out:
+        atomic_write_text(args.out, text + "\n")
+    if args.json:
+        print(text)
+    return bool(args.json)
+
+
 def _fmt(v, digits: int = 3) -> str:
     if v is None:
         return "–"
@@ -69,7 +81,6 @@ def cmd_bench(args) -> int:
 
     from repro import models
     from repro.metrics.throughput import DTYPES, BenchSettings, measure
-    from repro.rundir import atomic_write_text
 
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     if not names:
@@ -88,11 +99,7 @@ def cmd_bench(args) -> int:
         torch.manual_seed(0)
         built[n] = models.build(n, input_size=settings.latent_size).to(settings.device, DTYPES[settings.dtype])
     report = measure(built, settings)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        atomic_write_text(args.out, text + "\n")
-    if args.json:
-        print(text)
+    if _write_and_print(report, args):
         return 0
     p, env = report["protocol"], report["protocol"]["environment"]
     where = env.get("gpu") or f"{env.get('cpu')} ({env.get('cpu_count')} cores, {env.get('threads')} threads)"
@@ -290,7 +297,6 @@ def cmd_evaluate(args) -> int:
     from repro.config import METRICS, EvalConfig
     from repro.evaluate import evaluate_file
     from repro.plan import results_root
-    from repro.rundir import atomic_write_text
 
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip()) if args.metrics else METRICS
     for m in metrics:
@@ -305,11 +311,7 @@ def cmd_evaluate(args) -> int:
     quiet = args.json
     record = evaluate_file(Path(args.samples), cfg, results_root(args.results) / ".cache",
                            log=(lambda *_: None) if quiet else lambda m: print(m, file=sys.stderr))
-    text = json.dumps(record, indent=2)
-    if args.out:
-        atomic_write_text(args.out, text + "\n")
-    if args.json:
-        print(text)
+    if _write_and_print(record, args):
         return 0
     p = record["protocol"]
     table = Table(title=f"{args.samples}: {p['num_evaluated']:,} samples against {p['reference']}")

@@ -152,6 +152,41 @@ def test_inception_fid_of_two_folders_equals_cleanfid(tmp_path, fake_inception, 
     assert ours["labels"]["fid"] == "FID-40 (Inception, clean-fid %s)" % mode
 
 
+def test_adm_and_cleanfid_statistics_are_used_as_stored(tmp_path, fake_inception):
+    """An ADM reference batch: its mu/sigma and mu_s/sigma_s are used as stored (they come from ADM's TF graph),
+    its images only for precision/recall; clean-fid statistics give FID alone; neither fits another extractor."""
+    rng = np.random.default_rng(4)
+    samples = rng.integers(0, 256, (40, 24, 24, 3), dtype=np.uint8)
+    ref_images = rng.integers(0, 256, (30, 24, 24, 3), dtype=np.uint8)
+    extractor = ex.build("inception", inception=fake_inception)
+    feats = extractor.extract(samples)
+    mu, sigma = feats.pool.mean(0) + 0.5, np.cov(feats.pool, rowvar=False) + np.eye(2048) * 1e-3
+    mu_s, sigma_s = feats.spatial.mean(0), np.eye(feats.spatial.shape[1])
+    np.savez(tmp_path / "samples.npz", arr_0=samples)
+    np.savez(tmp_path / "VIRTUAL_test.npz", mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, arr_0=ref_images)
+    cfg = EvalConfig(reference=str(tmp_path / "VIRTUAL_test.npz"), inception=str(fake_inception))
+    record = evaluate_file(tmp_path / "samples.npz", cfg, tmp_path / "cache", extractor)
+    assert record["metrics"]["fid"] == pytest.approx(frechet_distance(fit(feats.pool), Gaussian(mu, sigma)))
+    assert record["metrics"]["sfid"] == pytest.approx(frechet_distance(fit(feats.spatial), Gaussian(mu_s, sigma_s)))
+    assert record["metrics"]["precision"] is not None
+    assert record["protocol"]["reference_kind"] == "adm"
+    assert record["protocol"]["reference_sha256"] == ex.sha256_file(tmp_path / "VIRTUAL_test.npz")
+
+    np.savez(tmp_path / "cleanfid_stats.npz", mu=mu, sigma=sigma)
+    cfg = EvalConfig(reference=str(tmp_path / "cleanfid_stats.npz"), inception=str(fake_inception),
+                     metrics=("fid", "precision"))
+    record = evaluate_file(tmp_path / "samples.npz", cfg, tmp_path / "cache", extractor)
+    assert record["metrics"]["precision"] is None and "statistics only" in record["unavailable"]["precision"]
+    with pytest.raises(ValueError, match="holds Inception statistics"):
+        evaluate_file(tmp_path / "samples.npz", EvalConfig(extractor="fashion-mnist", reference=str(
+            tmp_path / "cleanfid_stats.npz"), classifier=str(tmp_path / "unused.pt")), tmp_path / "cache",
+            extractor=_NotInception())
+
+
+class _NotInception(ex.Extractor):
+    name, label, weights = "fashion-mnist", "stand-in", Path("/dev/null")
+
+
 def test_missing_inception_weights_is_one_line(tmp_path, capsys):
     samples = tmp_path / "s.npz"
     np.savez(samples, arr_0=np.zeros((4, 8, 8, 3), np.uint8))

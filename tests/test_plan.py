@@ -240,6 +240,13 @@ def test_status_reads_the_run_folders(tmp_path, capsys):
     stages = {s["name"]: s["state"] for s in runs[done.id]["stages"]}
     assert stages["train"] == "done" and stages[f"sample:{pid}"] == "done" and stages[f"evaluate:{pid}"] == "new"
     assert all(runs[r.id]["status"] == "new" for r in plan.runs[2:])
+    # an eval file under the study's evaluation protocol (extractor, mode, reference) makes the stage done
+    eval_file = done_paths.eval_file(pid, "inception_tf-VIRTUAL_imagenet256_labeled")
+    eval_file.parent.mkdir(parents=True)
+    eval_file.write_text("{}")
+    assert main(["status", str(ROADMAP), "--json", "--results", str(tmp_path)]) == 0
+    runs = {r["id"]: r for r in json.loads(capsys.readouterr().out)["runs"]}
+    assert {s["name"]: s["state"] for s in runs[done.id]["stages"]}[f"evaluate:{pid}"] == "done"
 
 
 def test_model_checks_cache_gives_the_same_plan_without_importing_torch(tmp_path):
