@@ -421,7 +421,8 @@ class EvalConfig:
     """How a study's samples are scored (never part of a run's identity; it names the eval file instead).
 
     Defaults are the papers' metrics through clean-fid's Inception in `legacy_tensorflow` mode (the mode closest to
-    the ADM evaluator); the reference must be given for Inception (e.g. ADM's VIRTUAL_imagenet256_labeled.npz).
+    the ADM evaluator); Inception needs a reference (e.g. ADM's VIRTUAL_imagenet256_labeled.npz), checked when the
+    evaluate stage runs.
     The CPU studies use `extractor: fashion-mnist`, whose reference defaults to the training split.
     """
 
@@ -436,9 +437,6 @@ class EvalConfig:
     batch_size: int = 64
 
     def __post_init__(self):
-        if self.extractor == "inception" and not self.reference:
-            raise ConfigError("the inception extractor needs a reference (e.g. VIRTUAL_imagenet256_labeled.npz)",
-                              key="reference")
         if not self.metrics:
             raise ConfigError("name at least one metric", key="metrics")
         if self.batch_size < 1 or any(c < 1 for c in self.checkpoints):
@@ -446,12 +444,18 @@ class EvalConfig:
 
     @property
     def reference_spec(self) -> str:
-        return self.reference or "fashion-mnist:train"
+        """The reference to load; the Inception extractor has no default (ImageNet statistics are a download)."""
+        if self.reference:
+            return self.reference
+        if self.extractor == "fashion-mnist":
+            return "fashion-mnist:train"
+        raise ConfigError("evaluate.reference: not set; the inception extractor needs one (e.g. ADM's "
+                          "VIRTUAL_imagenet256_labeled.npz, an image folder or an npz of images)")
 
     @property
     def tag(self) -> str:
         """Names the eval file beside the sample protocol: extractor, mode and reference."""
-        ref = self.reference_spec
+        ref = self.reference or ("fashion-mnist:train" if self.extractor == "fashion-mnist" else "noref")
         ref = ref.split(":", 1)[1] if ref.startswith("fashion-mnist:") else Path(ref.rstrip("/")).stem
         ref = "".join(c if c.isalnum() or c in "_-" else "_" for c in ref)
         if self.extractor == "fashion-mnist":
@@ -491,7 +495,7 @@ class Study:
     stages: tuple[Literal["train", "sample", "evaluate", "bench"], ...] = ("train", "sample", "evaluate")
     resources: Resources = field(default_factory=Resources)
     cost: Cost = field(default_factory=Cost)
-    evaluate: EvalConfig | None = None   # required when the study has an evaluate stage
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
 
 
@@ -572,10 +576,7 @@ def load_study(path: str | Path) -> LoadedStudy:
         checked[step.name] = checks.check(configs[step.name], where, f"{key}.config.model")
     if study.paper is not None:
         _check_paper_rows(study, path, where)
-    if "evaluate" in study.stages and study.evaluate is None:
-        raise ConfigError(f"{where.at('stages')}: an evaluate stage needs an `evaluate:` section "
-                          f"(extractor and reference)")
-    if study.evaluate is not None:
+    if "evaluate" in study.stages:
         for k in study.evaluate.checkpoints:
             short = [name for name, c in configs.items() if k >= c.train.steps]
             if short:

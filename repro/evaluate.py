@@ -105,9 +105,10 @@ def evaluate_file(samples: Path, cfg: EvalConfig, cache: Path, extractor: ex.Ext
     samples = Path(samples)
     if not samples.exists():
         raise ConfigError(f"{samples}: no such samples file or folder")
+    spec = cfg.reference_spec  # a missing reference fails before any weights are loaded
     extractor = extractor or build_extractor(cfg, cache, log)
     images = load_images(samples)
-    reference = load_reference(cfg.reference_spec, extractor, cache, set(cfg.metrics), cfg.batch_size)
+    reference = load_reference(spec, extractor, cache, set(cfg.metrics), cfg.batch_size)
     started = time.perf_counter()
     values, missing = score(images, reference, extractor, cfg.metrics, cfg.batch_size)
     sidecar = samples.with_suffix(".json")
@@ -154,6 +155,7 @@ def evaluate_run(run_dir: Path, sample: SampleConfig, cfg: EvalConfig, cache: Pa
     eval file exists for the same samples is not scored again."""
     run_dir = Path(run_dir)
     out, extractor = [], None
+    cfg.reference_spec  # noqa: B018 -- a study without a reference fails here, before any weights are loaded
     for stem in sample_stems(protocol_id(sample), cfg.checkpoints):
         npz = run_dir / "samples" / f"{stem}.npz"
         target = rundir.RunPaths(run_dir).eval_file(stem, cfg.tag)

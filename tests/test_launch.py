@@ -317,9 +317,11 @@ def test_evaluate_and_bench_stages_write_their_records_with_the_protocol(tmp_pat
     assert "queued 0 jobs on debug (4 done)" in capsys.readouterr().out
 
 
-def test_an_evaluate_stage_without_weights_fails_with_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("case", ["no weights", "no reference"])
+def test_an_evaluate_stage_without_weights_fails_with_one_line(tmp_path, case):
     missing = tmp_path / "weights" / "inception-2015-12-05.pt"
-    extra = f"evaluate: {{extractor: inception, reference: '{tmp_path / 'ref.npz'}', inception: '{missing}'}}\n"
+    reference = f"'{tmp_path / 'ref.npz'}'" if case == "no weights" else "null"  # null: not the tiny study's
+    extra = f"evaluate: {{extractor: inception, reference: {reference}, inception: '{missing}'}}\n"
     study = short_study(tmp_path, stages=("evaluate",), extra=extra)
     root = tmp_path / "results"
     # the samples exist (as if sampled elsewhere), the Inception weights do not
@@ -333,4 +335,8 @@ def test_an_evaluate_stage_without_weights_fails_with_one_line(tmp_path, capsys)
     submit(plan, root, "debug", only=("dit",))
     st = read_state(root, run.id)["stages"][run.stages[0].name]
     assert st["state"] == "failed"
-    assert "\n" not in st["error"] and str(missing) in st["error"] and "Inception weights not found" in st["error"]
+    assert "\n" not in st["error"]
+    if case == "no weights":
+        assert str(missing) in st["error"] and "Inception weights not found" in st["error"]
+    else:
+        assert "evaluate.reference: not set" in st["error"]
