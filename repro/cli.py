@@ -292,6 +292,22 @@ def cmd_cancel(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- report
+def cmd_report(args) -> int:
+    from repro.report import FORMATS, write
+
+    plan, root = _load_plan(args)
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    for f in formats:
+        if f not in FORMATS:
+            raise UsageError(f"--format: unknown format {f!r}; choose from {', '.join(FORMATS)}")
+    out = Path(args.out) if args.out else Path("reports") / plan.study.study.study
+    written = write(plan, root, out, formats)
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- evaluate
 def cmd_evaluate(args) -> int:
     from repro.config import METRICS, EvalConfig
@@ -388,6 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="sample the raw weights instead of the EMA")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("report", help="the paper's table regenerated with our numbers, protocols, figures, cost")
+    _study_arguments(p)
+    p.add_argument("--out", help="report folder (default: reports/<study>)")
+    p.add_argument("--format", default="html,md,csv,tex", help="comma-separated: html, md, csv, tex")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("evaluate", help="FID, IS, sFID, precision and recall of a samples npz, with the protocol")
     p.add_argument("samples", help="samples npz (uint8 NHWC under arr_0, as `repro sample` and ADM write them)")

@@ -508,6 +508,7 @@ class LoadedStudy:
     configs: dict[str, RunConfig]           # step name -> resolved config (seed from the grid applied later)
     samples: tuple[SampleConfig, ...]
     models: dict[str, dict] = field(default_factory=dict)  # step name -> {"model": model_identity, "switches": ...}
+    paper_path: Path | None = None          # the paper file, resolved from the study file that names it
 
 
 def deep_merge(base: dict, top: dict) -> dict:
@@ -574,8 +575,7 @@ def load_study(path: str | Path) -> LoadedStudy:
         raw[step.name] = deep_merge(start, step.config)
         configs[step.name] = from_dict(RunConfig, raw[step.name], where, f"{key}.config.")
         checked[step.name] = checks.check(configs[step.name], where, f"{key}.config.model")
-    if study.paper is not None:
-        _check_paper_rows(study, path, where)
+    paper_path = _check_paper_rows(study, path, where) if study.paper is not None else None
     if "evaluate" in study.stages:
         for k in study.evaluate.checkpoints:
             short = [name for name, c in configs.items() if k >= c.train.steps]
@@ -586,11 +586,12 @@ def load_study(path: str | Path) -> LoadedStudy:
     for i, proto in enumerate(study.samples):
         sample_raw = deep_merge(study.defaults.get("sample", {}), proto)
         samples.append(from_dict(SampleConfig, sample_raw, where, f"samples.{i}."))
-    return LoadedStudy(study=study, path=path, configs=configs, samples=tuple(samples), models=checked)
+    return LoadedStudy(study=study, path=path, configs=configs, samples=tuple(samples), models=checked,
+                       paper_path=paper_path)
 
 
-def _check_paper_rows(study: Study, path: Path, where: Where) -> None:
-    """The paper table exists and every step's row is in it (experiments/paper/*.yaml)."""
+def _check_paper_rows(study: Study, path: Path, where: Where) -> Path:
+    """The paper table exists and every step's row is in it (experiments/paper/*.yaml); returns the paper file."""
     from repro.paper import load_paper
 
     # relative to the file that names it, which may be a study this one extends
@@ -612,6 +613,7 @@ def _check_paper_rows(study: Study, path: Path, where: Where) -> None:
             if row not in paper.tables[table].rows:
                 raise ConfigError(f"{where.at(f'steps.{i}.row')}: no row {row!r} in {paper_path} table "
                                   f"{table!r}{did_you_mean(row, paper.tables[table].rows)}")
+    return paper_path
 
 
 def step_rows(step: Step) -> tuple[str, ...]:

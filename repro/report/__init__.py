@@ -1,0 +1,197 @@
+"""`repro report`: the paper's table regenerated from the run folders, with the protocol of every number.
+
+    reports/<study>/index.html   self-contained page (jinja2, autoescaped), figures beside it
+    reports/<study>/report.md    the same in Markdown
+    reports/<study>/table.csv    paper | ours | delta | protocol match, one row per paper row
+    reports/<study>/table.tex    the same as a LaTeX tabular
+    reports/<study>/runs.csv     every (run, sample set): ours, the protocol, the state
+    reports/<study>/figures/     roadmap, fid_vs_step, frontier, speedup (PNG and SVG)
+
+Works on partial studies: missing numbers are shown as pending / queued / running / failed, never as 0.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from repro import rundir
+from repro.plan import Plan
+from repro.report import plots
+from repro.results import PAPER_METRICS, by_step, collect, paper_table
+
+FORMATS = ("html", "md", "csv", "tex")
+SHOWN = ("fid", "is", "sfid", "precision", "recall", "gmacs", "params_m", "img_per_s")
+NAMES = {"fid": "FID", "is": "IS", "sfid": "sFID", "precision": "Prec.", "recall": "Rec.", "gmacs": "GMACs",
+         "winograd_gmacs": "Winograd GMACs", "params_m": "Params (M)", "img_per_s": "img/s"}
+
+
+def spearman(table: pd.DataFrame, metric: str = "fid") -> dict | None:
+    """Rank correlation between the paper's numbers and ours over the rows that have both (None under 3 rows)."""
+    from scipy.stats import spearmanr
+
+    p, o = f"paper_{metric}", f"ours_{metric}"
+    if p not in table or o not in table:
+        return None
+    both = table.dropna(subset=[p, o])
+    if len(both) < 3:
+        return None
+    rho, pvalue = spearmanr(both[p].astype(float), both[o].astype(float))
+    return {"metric": metric, "rho": float(rho), "p": float(pvalue), "n": len(both)}
+
+
+def _fmt(v, digits: int = 2) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}" if abs(v) < 1e6 else f"{v:,.0f}"
+    return str(v)
+
+
+def common_differences(table: pd.DataFrame) -> list[str]:
+    """Protocol differences every measured row shares (printed once, above the table)."""
+    lists = [set(d.split("; ")) for d, st in zip(table["protocol_differences"], table["state"], strict=True)
+             if d and st == "done"]
+    if not lists:
+        return []
+    first = [d for d in table.loc[table["state"] == "done", "protocol_differences"].iloc[0].split("; ")]
+    return [d for d in first if all(d in s for s in lists)]
+
+
+def display_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """The regenerated table as text cells: per metric paper | ours (± std) | delta, then match and state."""
+    common = set(common_differences(table))
+    metrics = [m for m in SHOWN if f"paper_{m}" in table and table[f"paper_{m}"].notna().any()]
+    head = ["table", "paper row", "our step"]
+    for m in metrics:
+        head += [f"{NAMES[m]} paper", f"{NAMES[m]} ours", f"{NAMES[m]} Δ"]
+    head += ["protocol match", "state"]
+    rows = []
+    for _, r in table.iterrows():
+        cells = [r["table"], r["paper_label"], r["our_label"]]
+        for m in metrics:
+            ours = r.get(f"ours_{m}")
+            std = r.get(f"ours_{m}_std")
+            shown = _fmt(ours) + (f" ± {_fmt(std)}" if _fmt(std) else "") if _fmt(ours) else r["state"]
+            cells += [_fmt(r.get(f"paper_{m}")), shown, _fmt(r.get(f"delta_{m}"))]
+        if r["protocol_match"]:
+            match = "yes"
+        else:
+            extra = [d for d in r["protocol_differences"].split("; ") if d not in common]
+            match = "no" + (" (as listed above)" if common else "") + ("; " + "; ".join(extra) if extra else "")
+        cells += [match, r["state"]]
+        rows.append(cells)
+    return head, rows
+
+
+def _markdown(head: list[str], rows: list[list[str]]) -> str:
+    def esc(c: str) -> str:
+        return str(c).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(esc(h) for h in head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _latex(table: pd.DataFrame) -> str:
+    cols = ["paper_label", "our_label"] + [c for m in SHOWN for c in (f"paper_{m}", f"ours_{m}", f"delta_{m}")
+                                           if c in table and table[f"paper_{m}"].notna().any()]
+    shown = table[cols].rename(columns=lambda c: c.replace("_", " "))
+    return shown.to_latex(index=False, na_rep="--", float_format="%.2f", escape=True)
+
+
+def write(plan: Plan, root: Path, out: Path, formats: tuple[str, ...] = FORMATS) -> dict[str, Path]:
+    """Write the report of `plan`'s study into `out`; returns the files written."""
+    import jinja2
+
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ValueError(f"--format: unknown format {unknown[0]!r}; choose from {', '.join(FORMATS)}")
+    study = plan.study.study
+    df = collect(plan, root)
+    steps = by_step(df) if len(df) else df
+    table = paper_table(df, plan)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    figures = out / "figures"
+    figures.mkdir(exist_ok=True)
+    title = f"{study.study}: {study.description}" if study.description else study.study
+    for name, paths in (("roadmap", plots.roadmap(table, figures, title)),
+                        ("fid_vs_step", plots.fid_vs_step(df, figures)),
+                        ("frontier", plots.frontier(steps, figures)),
+                        ("speedup", plots.speedup(steps, figures))):
+        written[f"figure:{name}"] = paths[0]
+    grids = _copy_grids(plan, root, df, out / "grids")
+
+    rundir.atomic_write_text(out / "runs.csv", df.to_csv(index=False))
+    written["runs.csv"] = out / "runs.csv"
+    if "csv" in formats:
+        rundir.atomic_write_text(out / "table.csv", table.to_csv(index=False, float_format="%.6g"))
+        written["table.csv"] = out / "table.csv"
+    if "tex" in formats and len(table):
+        rundir.atomic_write_text(out / "table.tex", _latex(table))
+        written["table.tex"] = out / "table.tex"
+    head, rows = display_rows(table) if len(table) else ([], [])
+    states = df["state"].value_counts().to_dict() if len(df) else {}
+    planned = df.drop_duplicates("run_id")["gpu_hours_planned"].sum(min_count=1) if len(df) else None
+    context = {
+        "title": title, "study": study.study, "study_file": str(plan.study.path),
+        "paper": study.paper.file if study.paper else None, "head": head, "rows": rows,
+        "states": states, "runs": len({r.id for r in plan.runs}),
+        "gpu_hours_planned": _fmt(planned), "gpu_hours_spent": _fmt(df.drop_duplicates("run_id")[
+            "gpu_hours_spent"].sum() if len(df) else None),
+        "wall_hours": _fmt(df.drop_duplicates("run_id")["wall_hours"].sum() if len(df) else None),
+        "common_differences": common_differences(table) if len(table) else [],
+        "correlations": [c for c in (spearman(table, "fid"),) if c] if len(table) else [],
+        "protocols": _protocol_lines(df, table, plan), "figures": plots.FIGURES, "grids": grids,
+        "metrics": [NAMES[m] for m in PAPER_METRICS if m in NAMES],
+    }
+    env = jinja2.Environment(loader=jinja2.PackageLoader("repro.report", "templates"),
+                             autoescape=jinja2.select_autoescape(["html"]), undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True)
+    if "md" in formats:
+        context_md = {**context, "table_md": _markdown(head, rows) if rows else ""}
+        rundir.atomic_write_text(out / "report.md", env.get_template("report.md.j2").render(**context_md))
+        written["report.md"] = out / "report.md"
+    if "html" in formats:
+        rundir.atomic_write_text(out / "index.html", env.get_template("index.html.j2").render(**context))
+        written["index.html"] = out / "index.html"
+    return written
+
+
+def _protocol_lines(df: pd.DataFrame, table: pd.DataFrame, plan: Plan) -> list[str]:
+    """Under which conditions our numbers and the paper's were measured, one line each."""
+    lines = []
+    done = df.dropna(subset=["fid"]) if len(df) else df
+    for _, r in done.drop_duplicates(["protocol", "extractor", "reference"]).iterrows():
+        lines.append(f"ours: {r['sampler']}-{r['sampling_steps']} sampling, cfg {r['cfg_scale']:g}, "
+                     f"{int(r['num_samples']):,} samples ({r['labels']} labels), {r['extractor']} against "
+                     f"{r['reference']}: {r['fid_label']}")
+    if plan.study.paper_path is not None and len(table):
+        from repro.paper import load_paper
+
+        paper = load_paper(plan.study.paper_path)
+        for t in dict.fromkeys(table["table"]):
+            p = paper.tables[t].protocol
+            stated = ", ".join(f"{k} {v}" for k, v in vars(p).items() if v is not None and k != "assumptions")
+            lines.append(f"paper ({paper.paper} {t}): {stated or 'not stated'}")
+            lines.extend(f"paper assumption: {a}" for a in p.assumptions)
+    return lines
+
+
+def _copy_grids(plan: Plan, root: Path, df: pd.DataFrame, folder: Path) -> list[dict]:
+    """The sample grid of every evaluated run's final sample set, copied beside the report."""
+    out = []
+    for _, r in df.iterrows():
+        if not isinstance(r["stem"], str) or r["checkpoint_step"] != r["train_steps"]:
+            continue
+        src = root / "runs" / r["run_id"] / "samples" / f"{r['stem']}.png"
+        if src.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            name = f"{r['run_id']}-{r['stem']}.png"
+            shutil.copyfile(src, folder / name)
+            out.append({"label": f"{r['label']} (seed {r['seed']})", "file": f"grids/{name}"})
+    return out

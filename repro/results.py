@@ -1,0 +1,219 @@
+"""Run folders -> pandas, joined with the papers' numbers.
+
+    df = collect(plan, root)          # one row per (run, sample set): ours, with the protocol and the state
+    table = paper_table(df, plan)     # one row per paper row: paper | ours (mean ± std over seeds) | delta | match
+
+A number that is missing is NaN and its row says why (pending, queued, running, failed), never 0. A number
+measured under another protocol than the paper's keeps its value but `protocol_match` is False and
+`protocol_differences` lists how (FID-1K against FID-50K, DDIM-50 against DDPM-250, another feature network...).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from repro import rundir
+from repro.config import protocol_id, sample_stems
+from repro.plan import Plan, Run, stage_states
+
+METRICS = ("fid", "is", "sfid", "precision", "recall")
+BENCH = ("params", "gmacs", "winograd_gmacs", "img_per_s")
+# our column -> the paper file's metric name (papers print GMACs as "GFLOPs", parameters in millions)
+PAPER_METRICS = {"fid": "fid", "is": "is", "sfid": "sfid", "precision": "precision", "recall": "recall",
+                 "gmacs": "gflops", "winograd_gmacs": "winograd_gflops", "params_m": "params_m",
+                 "img_per_s": "img_per_s"}
+COLUMNS = ("study", "step", "label", "model", "switches", "seed", "run_id", "paper_rows", "protocol", "stem",
+           "checkpoint_step", "state", "steps_trained", "train_steps", "gpu_hours_planned", "wall_hours",
+           "gpu_hours_spent", *METRICS, "params", "params_m", "gmacs", "winograd_gmacs", "img_per_s", "fid_label",
+           "extractor", "reference", "sampler", "sampling_steps", "cfg_scale", "guide_channels", "num_samples",
+           "labels", "paper_comparable", "protocol_differences", "bench_device", "bench_flags")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _training(paths: rundir.RunPaths) -> tuple[int, float]:
+    """(steps trained, wall hours of training) from train/metrics.jsonl: each logged window's steps / steps/s."""
+    if not paths.metrics.exists():
+        return 0, 0.0
+    step, seconds = 0, 0.0
+    for line in paths.metrics.read_text().splitlines():
+        if not line.strip():
+            continue
+        m = json.loads(line)
+        rate = m.get("steps_per_s")
+        if rate:
+            seconds += (m["step"] - step) / rate
+        step = max(step, m.get("step", 0))
+    return step, seconds / 3600
+
+
+def _state(run_states: dict, jobs: dict, stages: list[str], done: bool) -> str:
+    """One word for a row: done, or why its number is missing (failed / running / queued / pending)."""
+    if done:
+        return "done"
+    for name in stages:
+        job = jobs.get(name, {}).get("state")
+        if job == "failed" or job == "cancelled":
+            return job
+        if job == "running":
+            return "running"
+        if job in ("submitted", "requeued"):
+            return "queued"
+        if run_states.get(name, {}).get("state") == "partial":
+            return "partial"
+    return "pending"
+
+
+def collect(plan: Plan, root: Path) -> pd.DataFrame:
+    """One row per (run, sample set) of the study: ours, the protocol they were measured under and the state."""
+    study = plan.study.study
+    gpus = study.resources.gpus_per_node * study.resources.nodes
+    rows = []
+    for run in plan.runs:
+        paths = rundir.RunPaths(root / "runs" / run.id)
+        exists = paths.root.is_dir()
+        run_states = stage_states(run, root) if exists else {}
+        jobs = rundir.read_state(paths)["stages"] if exists else {}
+        bench = _read_json(paths.bench) if exists else None
+        trained, wall = _training(paths) if exists else (0, 0.0)
+        base = {"study": study.study, "step": run.step, "label": run.label, "model": run.model,
+                "switches": json.dumps(run.switches, sort_keys=True), "seed": run.seed, "run_id": run.id,
+                "paper_rows": ",".join(run.rows), "steps_trained": trained, "train_steps": run.config.train.steps,
+                "gpu_hours_planned": run.gpu_hours, "wall_hours": wall, "gpu_hours_spent": wall * gpus}
+        if bench:
+            base.update({k: bench.get(k) for k in BENCH})
+            base["params_m"] = bench["params"] / 1e6 if bench.get("params") else None
+            tp = bench.get("throughput_protocol", {})
+            env = tp.get("environment", {})
+            base["bench_device"] = env.get("gpu") or env.get("cpu")
+            base["bench_flags"] = (tp.get("flags") or {}).get("profile")
+        sets = [(protocol_id(s), stem) for s in run.samples for stem in sample_stems(protocol_id(s), run.checkpoints)]
+        if "evaluate" not in study.stages:  # e.g. a throughput study: one row per run, its bench numbers
+            done = "bench" not in study.stages or bench is not None
+            rows.append({**base, "state": _state(run_states, jobs, ["bench"], done)})
+            continue
+        for pid, stem in sets:
+            ev = _read_json(paths.eval_file(stem, run.evaluation.tag)) if exists else None
+            stages = ["train", f"sample:{pid}", f"evaluate:{pid}"]
+            row = {**base, "protocol": pid, "stem": stem, "state": _state(run_states, jobs, stages, ev is not None)}
+            ckpt = stem[len(pid) + len("-ckpt"):] if stem != pid else None
+            row["checkpoint_step"] = int(ckpt) if ckpt else run.config.train.steps
+            if ev:
+                p = ev["protocol"]
+                row.update({m: ev["metrics"].get(m) for m in METRICS})
+                row.update(fid_label=ev["labels"].get("fid"), extractor=p.get("extractor_label"),
+                           reference=p.get("reference"), sampler=p.get("sampler"), sampling_steps=p.get("steps"),
+                           cfg_scale=p.get("cfg_scale"), guide_channels=p.get("guide_channels"),
+                           num_samples=p.get("num_evaluated"), labels=p.get("labels"),
+                           paper_comparable=ev["paper_protocol"]["comparable"],
+                           protocol_differences="; ".join(ev["paper_protocol"]["differences"]))
+                if p.get("checkpoint_step") is not None:
+                    row["checkpoint_step"] = p["checkpoint_step"]
+            rows.append(row)
+    df = pd.DataFrame(rows, columns=list(COLUMNS))
+    for col in (*METRICS, *BENCH, "params_m", "gpu_hours_planned"):
+        df[col] = pd.to_numeric(df[col], errors="coerce")  # missing is NaN, never 0
+    return df
+
+
+def by_step(df: pd.DataFrame) -> pd.DataFrame:
+    """Seeds of one step folded: mean, std and count of every number, per (step, sample set)."""
+    keys = ["step", "label", "model", "protocol", "stem", "checkpoint_step"]
+    numbers = [c for c in (*METRICS, *BENCH, "params_m") if c in df]
+    g = df.groupby(keys, dropna=False, sort=False)
+    out = g[numbers].mean()
+    std = g[numbers].std(ddof=1).add_suffix("_std")
+    count = g["fid"].count().rename("seeds_done")
+    first = g[["paper_rows", "fid_label", "extractor", "sampler", "sampling_steps", "num_samples", "cfg_scale",
+               "paper_comparable", "protocol_differences", "train_steps"]].first()
+    states = g["state"].agg(lambda s: "done" if (s == "done").all() else ", ".join(sorted(set(s) - {"done"})))
+    seeds = g["seed"].count().rename("seeds")
+    return pd.concat([out, std, count, seeds, first, states], axis=1).reset_index()
+
+
+def paper_table(df: pd.DataFrame, plan: Plan) -> pd.DataFrame:
+    """Every paper row the study's steps stand for: paper value, ours (seed mean, std), delta, protocol match."""
+    from repro.paper import load_paper
+
+    study = plan.study.study
+    if study.paper is None or plan.study.paper_path is None:
+        return pd.DataFrame()
+    paper = load_paper(plan.study.paper_path)
+    steps = by_step(df) if len(df) else df
+    out = []
+    for run in _first_seed(plan.runs):
+        for ref in run.rows:
+            table, _, row_key = ref.rpartition("/")
+            table = table or study.paper.table
+            t = paper.tables[table]
+            prow = t.rows[row_key]
+            proto = t.row_protocol(row_key)
+            ours = steps[steps["step"] == run.step] if len(steps) else steps
+            ours = _matching_checkpoint(ours, proto.train_steps, run)
+            for _, o in (ours.iterrows() if len(ours) else [(None, None)]):
+                rec = {"paper": paper.paper, "table": table, "table_title": t.title, "row": row_key,
+                       "paper_label": prow.label, "step": run.step, "our_label": run.label, "model": run.model}
+                for ours_col, pcol in PAPER_METRICS.items():
+                    pv = prow.values.get(pcol)
+                    ov = None if o is None else o.get(ours_col)
+                    ov = None if ov is None or (isinstance(ov, float) and math.isnan(ov)) else float(ov)
+                    if pv is None and ov is None:
+                        continue
+                    rec[f"paper_{ours_col}"] = pv
+                    rec[f"ours_{ours_col}"] = ov
+                    rec[f"ours_{ours_col}_std"] = None if o is None else _nan_none(o.get(f"{ours_col}_std"))
+                    rec[f"delta_{ours_col}"] = None if pv is None or ov is None else ov - pv
+                rec["protocol"] = None if o is None else o.get("stem")
+                rec["state"] = "pending" if o is None else o["state"]
+                rec["seeds"] = 0 if o is None else int(o["seeds"])
+                diffs = _protocol_differences(proto, o)
+                rec["protocol_match"] = not diffs
+                rec["protocol_differences"] = "; ".join(diffs)
+                out.append(rec)
+    return pd.DataFrame(out)
+
+
+def _first_seed(runs: tuple[Run, ...]) -> list[Run]:
+    seen, out = set(), []
+    for r in runs:
+        if r.step not in seen:
+            seen.add(r.step)
+            out.append(r)
+    return out
+
+
+def _matching_checkpoint(ours: pd.DataFrame, paper_steps: int | None, run: Run) -> pd.DataFrame:
+    """The sample sets of the training step the paper row reports (its train_steps, else the end of training)."""
+    if not len(ours):
+        return ours
+    target = run.config.train.steps
+    if paper_steps is not None and paper_steps in set(ours["checkpoint_step"]):
+        target = paper_steps
+    return ours[ours["checkpoint_step"] == target]
+
+
+def _nan_none(v):
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def _protocol_differences(proto, ours) -> list[str]:
+    """How our measurement departs from the protocol the paper row states."""
+    if ours is None:
+        return ["not measured yet"]
+    out = []
+    if isinstance(ours.get("protocol_differences"), str) and ours["protocol_differences"]:
+        out.extend(ours["protocol_differences"].split("; "))
+    if proto.train_steps is not None and ours.get("checkpoint_step") != proto.train_steps:
+        out.append(f"trained {int(ours['checkpoint_step']):,} steps, paper {proto.train_steps:,}")
+    if proto.cfg_scale is not None and _nan_none(ours.get("cfg_scale")) not in (None, proto.cfg_scale):
+        out.append(f"cfg {ours['cfg_scale']:g}, paper {proto.cfg_scale:g}")
+    return out
