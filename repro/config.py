@@ -177,6 +177,9 @@ def load_run_config(path: str | Path) -> RunConfig:
     return from_dict(RunConfig, data, Where(str(path), lines))
 
 
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: the same safe loader, about 10x faster
+
+
 def read_yaml(path: str | Path) -> tuple[Any, dict[str, int]]:
     """Safe-load a YAML file and map every dotted key to its line number."""
     path = Path(path)
@@ -188,8 +191,8 @@ def read_yaml(path: str | Path) -> tuple[Any, dict[str, int]]:
         line = path.read_bytes()[:e.start].count(b"\n") + 1
         raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=_LOADER)
+        data = yaml.load(text, Loader=_LOADER)  # the safe loader (libyaml's when present)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""

@@ -111,8 +111,25 @@ def _pick(mapping: dict, key: str, what: str):
 
 
 # ----------------------------------------------------------------------------------------------- loading
+_LOADED: dict[tuple[str, int], Paper] = {}
+
+
 def load_paper(path: str | Path) -> Paper:
-    """Read one paper file strictly; ConfigError names file:line: dotted.key on any mistake."""
+    """Read one paper file strictly; ConfigError names file:line: dotted.key on any mistake. Parsed once per
+    process and file version (planning and reporting both read it)."""
+    try:
+        key = (str(Path(path).resolve()), Path(path).stat().st_mtime_ns)
+    except OSError:
+        key = None
+    if key in _LOADED:
+        return _LOADED[key]
+    paper = _load_paper(path)
+    if key is not None:
+        _LOADED[key] = paper
+    return paper
+
+
+def _load_paper(path: str | Path) -> Paper:
     data, lines = read_yaml(path)
     where = Where(str(path), lines)
     data = _mapping(data, where, "", Paper, required=("tables",))

@@ -25,10 +25,11 @@ BENCH = ("params", "gmacs", "winograd_gmacs", "img_per_s")
 # our column -> the paper file's metric name (papers print GMACs as "GFLOPs", parameters in millions)
 PAPER_METRICS = {"fid": "fid", "is": "is", "sfid": "sfid", "precision": "precision", "recall": "recall",
                  "gmacs": "gflops", "winograd_gmacs": "winograd_gflops", "params_m": "params_m",
-                 "img_per_s": "img_per_s"}
+                 "img_per_s": "img_per_s", "train_steps_per_s": "train_steps_per_s"}
 COLUMNS = ("study", "step", "label", "model", "switches", "seed", "run_id", "paper_rows", "protocol", "stem",
            "checkpoint_step", "state", "steps_trained", "train_steps", "gpu_hours_planned", "wall_hours",
-           "gpu_hours_spent", *METRICS, "params", "params_m", "gmacs", "winograd_gmacs", "img_per_s", "fid_label",
+           "gpu_hours_spent", "train_steps_per_s", *METRICS, "params", "params_m", "gmacs", "winograd_gmacs",
+           "img_per_s", "fid_label",
            "extractor", "reference", "sampler", "sampling_steps", "cfg_scale", "guide_channels", "num_samples",
            "labels", "paper_comparable", "protocol_differences", "bench_device", "bench_flags")
 
@@ -85,10 +86,12 @@ def collect(plan: Plan, root: Path) -> pd.DataFrame:
         jobs = rundir.read_state(paths)["stages"] if exists else {}
         bench = _read_json(paths.bench) if exists else None
         trained, wall = _training(paths) if exists else (0, 0.0)
+        rate = trained / (wall * 3600) if wall else None
         base = {"study": study.study, "step": run.step, "label": run.label, "model": run.model,
                 "switches": json.dumps(run.switches, sort_keys=True), "seed": run.seed, "run_id": run.id,
                 "paper_rows": ",".join(run.rows), "steps_trained": trained, "train_steps": run.config.train.steps,
-                "gpu_hours_planned": run.gpu_hours, "wall_hours": wall, "gpu_hours_spent": wall * gpus}
+                "gpu_hours_planned": run.gpu_hours, "wall_hours": wall, "gpu_hours_spent": wall * gpus,
+                "train_steps_per_s": rate}
         if bench:
             base.update({k: bench.get(k) for k in BENCH})
             base["params_m"] = bench["params"] / 1e6 if bench.get("params") else None
@@ -120,7 +123,7 @@ def collect(plan: Plan, root: Path) -> pd.DataFrame:
                     row["checkpoint_step"] = p["checkpoint_step"]
             rows.append(row)
     df = pd.DataFrame(rows, columns=list(COLUMNS))
-    for col in (*METRICS, *BENCH, "params_m", "gpu_hours_planned"):
+    for col in (*METRICS, *BENCH, "params_m", "gpu_hours_planned", "train_steps_per_s"):
         df[col] = pd.to_numeric(df[col], errors="coerce")  # missing is NaN, never 0
     return df
 
@@ -128,7 +131,7 @@ def collect(plan: Plan, root: Path) -> pd.DataFrame:
 def by_step(df: pd.DataFrame) -> pd.DataFrame:
     """Seeds of one step folded: mean, std and count of every number, per (step, sample set)."""
     keys = ["step", "label", "model", "protocol", "stem", "checkpoint_step"]
-    numbers = [c for c in (*METRICS, *BENCH, "params_m") if c in df]
+    numbers = [c for c in (*METRICS, *BENCH, "params_m", "train_steps_per_s") if c in df]
     g = df.groupby(keys, dropna=False, sort=False)
     out = g[numbers].mean()
     std = g[numbers].std(ddof=1).add_suffix("_std")

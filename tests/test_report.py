@@ -1,0 +1,159 @@
+"""`repro report` from FIXTURE run folders: the files a finished, a failed and an untouched run leave, written by
+`fixture_run` below with made-up numbers (labelled fixtures, not results). Checks the regenerated table against
+every paper number of the study, the deltas, pending and failed rows, seeds folded into mean and std, the
+golden table.csv, and the HTML in headless Chromium."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from repro import rundir
+from repro.cli import main
+from repro.paper import load_paper
+from repro.plan import expand, load_study
+from repro.results import PAPER_METRICS
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).parent / "golden" / "report_table.csv"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def fixture_study(folder: Path) -> Path:
+    """The tiny DiCo ablation (rows of Tables 4 and 5) with two seeds per step."""
+    path = folder / "fixture_ablation.yaml"
+    path.write_text(f"extends: {ROOT / 'experiments/tiny/dico_ablation.yaml'}\nstudy: fixture_ablation\n"
+                    f"grid: {{seeds: [0, 1]}}\n")
+    return path
+
+
+def fixture_run(root: Path, run, fid: float, state: str = "done") -> None:
+    """FIXTURE: the files a run's stages leave (state.json, metrics.jsonl, bench.json, samples and eval records)."""
+    paths = rundir.RunPaths(root / "runs" / run.id)
+    pid = run.stages[1].name.split(":", 1)[1]
+    rundir.record_state(paths, "train", "done", cluster="fixture")
+    if state == "failed":
+        rundir.record_state(paths, f"sample:{pid}", "failed", cluster="fixture", error="fixture failure")
+        return
+    for step in (250, 500):
+        rundir.append_line(paths.metrics, json.dumps({"step": step, "loss": 0.1, "steps_per_s": 2.0}))
+    rundir.atomic_write_text(paths.bench, json.dumps({
+        "params": 1_000_000 + 1000 * len(run.step), "gmacs": 0.25, "winograd_gmacs": None,
+        "img_per_s": 100.0 + len(run.step), "throughput_protocol": {"flags": {"profile": "strict_fp32"},
+                                                                     "environment": {"cpu": "fixture cpu"}}}))
+    record = {"metrics": {"fid": fid, "is": 2.0, "sfid": fid * 2, "precision": 0.5, "recall": 0.4},
+              "labels": {"fid": "FID-1K (Fashion-MNIST classifier)"}, "unavailable": {},
+              "protocol": {"sampler": "ddim", "steps": "50", "cfg_scale": 1.0, "guide_channels": 3,
+                           "num_evaluated": 1000, "labels": "uniform", "checkpoint_step": 500,
+                           "reference": "fashion-mnist:train", "extractor_label": "Fashion-MNIST classifier"},
+              "paper_protocol": {"comparable": False, "differences": [
+                  "features from the Fashion-MNIST classifier, not Inception", "1K samples, not 50K"]}}
+    rundir.atomic_write_text(paths.eval_file(pid, run.evaluation.tag), json.dumps(record))
+    (paths.samples).mkdir(parents=True, exist_ok=True)
+    (paths.samples / f"{pid}.json").write_text("{}")
+
+
+@pytest.fixture
+def reported(tmp_path):
+    study = fixture_study(tmp_path)
+    plan = expand(load_study(study))
+    root = tmp_path / "results"
+    fids = {}
+    for i, run in enumerate(plan.runs):
+        if run.step in ("se", "no_cca"):          # untouched: pending
+            continue
+        if run.step == "dw7" and run.seed == 1:   # one seed failed
+            fixture_run(root, run, 0, state="failed")
+            continue
+        fids[(run.step, run.seed)] = 40.0 + i
+        fixture_run(root, run, fids[(run.step, run.seed)])
+    out = tmp_path / "report"
+    assert main(["report", str(study), "--results", str(root), "--out", str(out)]) == 0
+    return plan, out, fids
+
+
+def test_report_holds_every_paper_number_deltas_and_pending_rows(reported):
+    plan, out, fids = reported
+    for name in ("index.html", "report.md", "table.csv", "table.tex", "runs.csv"):
+        assert (out / name).is_file(), name
+    for fig in ("roadmap", "fid_vs_step", "frontier", "speedup"):
+        assert (out / "figures" / f"{fig}.png").stat().st_size > 1000 and (out / "figures" / f"{fig}.svg").exists()
+    table = pd.read_csv(out / "table.csv")
+    paper = load_paper(plan.study.paper_path)
+    ours_name = {v: k for k, v in PAPER_METRICS.items()}
+    checked = 0
+    for run in plan.runs:
+        for ref in run.rows:
+            t, _, row = ref.rpartition("/")
+            t = t or plan.study.study.paper.table
+            got = table[(table["table"] == t) & (table["row"] == row)]
+            assert len(got) == 1, (t, row)
+            for metric, value in paper.tables[t].rows[row].values.items():
+                assert got[f"paper_{ours_name[metric]}"].iloc[0] == pytest.approx(value), (t, row, metric)
+                checked += 1
+    assert checked > 100
+    rows = table.set_index(["table", "row"])
+    # two seeds folded: mean and std; delta = ours - paper
+    dico_iso = rows.loc[("t4", "dico_iso")]
+    seeds = [fids[("dico_iso", 0)], fids[("dico_iso", 1)]]
+    assert dico_iso["ours_fid"] == pytest.approx(sum(seeds) / 2)
+    assert dico_iso["ours_fid_std"] == pytest.approx(pd.Series(seeds).std())
+    assert dico_iso["delta_fid"] == pytest.approx(sum(seeds) / 2 - paper.number("t4", "dico_iso", "fid"))
+    assert dico_iso["state"] == "done" and not dico_iso["protocol_match"]
+    # pending rows: no number (not 0), the state says why
+    se = rows.loc[("t5", "se")]
+    assert se["state"] == "pending" and pd.isna(se["ours_fid"])
+    assert se["paper_fid"] == pytest.approx(paper.number("t5", "se", "fid"))
+    dw7 = rows.loc[("t5", "dw7")]
+    assert dw7["state"] == "failed" and dw7["ours_fid"] == pytest.approx(fids[("dw7", 0)])  # the seed that ran
+    md = (out / "report.md").read_text()
+    assert "Spearman" in md and "| t5 | w/o CCA ‡ |" in md and "pending" in md
+
+
+def test_golden_table_csv(reported):
+    plan, out, _ = reported
+    text = (out / "table.csv").read_text()
+    if os.environ.get("REPRO_UPDATE_GOLDEN"):
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text()
+
+
+def test_report_of_a_study_never_run_and_a_bad_format(tmp_path, capsys):
+    study = fixture_study(tmp_path)
+    out = tmp_path / "r"
+    assert main(["report", str(study), "--results", str(tmp_path / "none"), "--out", str(out)]) == 0
+    table = pd.read_csv(out / "table.csv")
+    assert set(table["state"]) == {"pending"} and table["ours_fid"].isna().all()
+    assert main(["report", str(study), "--results", str(tmp_path / "none"), "--format", "pdf"]) == 2
+    assert "--format: unknown format 'pdf'" in capsys.readouterr().err
+
+
+def render(html: Path, tmp: Path) -> tuple[Path, str]:
+    """Open a page in headless Chromium: a screenshot, and what the page logged to its console."""
+    shot = tmp / "shot.png"
+    proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp / 'u'}",
+                           "--enable-logging=stderr", "--v=0", "--window-size=1200,1600", f"--screenshot={shot}",
+                           html.resolve().as_uri()], capture_output=True, text=True, timeout=120)
+    console = "\n".join(ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln)
+    return shot, console
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian package chromium is not installed")
+def test_html_renders_in_headless_chromium_without_console_errors(reported, tmp_path):
+    from PIL import Image
+
+    _, out, _ = reported
+    shot, console = render(out / "index.html", tmp_path)
+    assert console == "", console
+    img = Image.open(shot).convert("L")
+    lo, hi = img.getextrema()
+    assert hi - lo > 100 and len(set(img.resize((64, 64)).getdata())) > 20  # text, tables and figures, not blank
+    # the check can fail: a page that logs an error is caught
+    bad = tmp_path / "bad.html"
+    bad.write_text("<html><body><p>x</p><script>console.error('fixture error')</script></body></html>")
+    _, console = render(bad, tmp_path / "bad")
+    assert "fixture error" in console
