@@ -23,12 +23,29 @@ GOLDEN = Path(__file__).parent / "golden" / "report_table.csv"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def fixture_study(folder: Path) -> Path:
-    """The tiny DiCo ablation (rows of Tables 4 and 5) with two seeds per step."""
-    path = folder / "fixture_ablation.yaml"
-    path.write_text(f"extends: {ROOT / 'experiments/tiny/dico_ablation.yaml'}\nstudy: fixture_ablation\n"
+def fixture_study(folder: Path, base: str = "dico_ablation") -> Path:
+    """A tiny study (default: the DiCo ablation, rows of Tables 4 and 5) with two seeds per step."""
+    path = folder / f"fixture_{base}.yaml"
+    path.write_text(f"extends: {ROOT / 'experiments/tiny' / (base + '.yaml')}\nstudy: fixture_{base}\n"
                     f"grid: {{seeds: [0, 1]}}\n")
     return path
+
+
+def assert_every_paper_number(plan, table: pd.DataFrame) -> int:
+    """Every number the paper prints for the study's rows sits in the table under its table and row."""
+    paper = load_paper(plan.study.paper_path)
+    ours_name = {v: k for k, v in PAPER_METRICS.items()}
+    checked = 0
+    for run in {r.step: r for r in plan.runs}.values():  # one run per step (seeds share the paper row)
+        for ref in run.rows:
+            t, _, row = ref.rpartition("/")
+            t = t or plan.study.study.paper.table
+            got = table[(table["table"] == t) & (table["row"] == row)]
+            assert len(got) == 1, (t, row)
+            for metric, value in paper.tables[t].rows[row].values.items():
+                assert got[f"paper_{ours_name[metric]}"].iloc[0] == pytest.approx(value), (t, row, metric)
+                checked += 1
+    return checked
 
 
 def fixture_run(root: Path, run, fid: float, state: str = "done") -> None:
@@ -84,18 +101,7 @@ def test_report_holds_every_paper_number_deltas_and_pending_rows(reported):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 1000 and (out / "figures" / f"{fig}.svg").exists()
     table = pd.read_csv(out / "table.csv")
     paper = load_paper(plan.study.paper_path)
-    ours_name = {v: k for k, v in PAPER_METRICS.items()}
-    checked = 0
-    for run in plan.runs:
-        for ref in run.rows:
-            t, _, row = ref.rpartition("/")
-            t = t or plan.study.study.paper.table
-            got = table[(table["table"] == t) & (table["row"] == row)]
-            assert len(got) == 1, (t, row)
-            for metric, value in paper.tables[t].rows[row].values.items():
-                assert got[f"paper_{ours_name[metric]}"].iloc[0] == pytest.approx(value), (t, row, metric)
-                checked += 1
-    assert checked > 100
+    assert assert_every_paper_number(plan, table) == 91  # 13 rows of Tables 4 and 5, 7 numbers each
     rows = table.set_index(["table", "row"])
     # two seeds folded: mean and std; delta = ours - paper
     dico_iso = rows.loc[("t4", "dico_iso")]
@@ -112,6 +118,23 @@ def test_report_holds_every_paper_number_deltas_and_pending_rows(reported):
     assert dw7["state"] == "failed" and dw7["ours_fid"] == pytest.approx(fids[("dw7", 0)])  # the seed that ran
     md = (out / "report.md").read_text()
     assert "Spearman" in md and "| t5 | w/o CCA ‡ |" in md and "pending" in md
+
+
+def test_roadmap_report_holds_every_paper_number(tmp_path):
+    study = fixture_study(tmp_path, "dic_roadmap")
+    plan = expand(load_study(study))
+    for i, run in enumerate(plan.runs):
+        if run.seed == 0:
+            fixture_run(tmp_path / "results", run, 70.0 - i)
+    out = tmp_path / "report"
+    assert main(["report", str(study), "--results", str(tmp_path / "results"), "--out", str(out)]) == 0
+    table = pd.read_csv(out / "table.csv")
+    assert assert_every_paper_number(plan, table) == 14  # DiC Figure 1: 9 FIDs, GFLOPs of steps 1-3, 8 and DiT
+    assert list(table["paper_label"])[-1] == "DiT-XL/2" and table["ours_fid"].notna().all()
+    from scipy.stats import spearmanr
+
+    rho = spearmanr(table["paper_fid"], table["ours_fid"])[0]
+    assert f"Spearman ρ = {rho:.3f}" in (out / "report.md").read_text()
 
 
 def test_golden_table_csv(reported):
