@@ -292,6 +292,36 @@ def cmd_cancel(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- demo
+def cmd_demo(args) -> int:
+    from repro import demo
+    from repro.config import model_checks
+    from repro.plan import expand, load_study, remember, results_root
+
+    root = results_root(args.results)
+    checks = model_checks(root / ".cache" / "model-checks.json")
+    plans = [expand(load_study(Path(s))) for s in args.studies or demo.STUDIES]
+    checks.save()
+    console = _console()
+    console.print(f"repro demo: {', '.join(p.study.study.study for p in plans)} on this machine "
+                  f"(--cluster {args.cluster}); results in {root}, reports in {args.reports}", highlight=False)
+    out = demo.run(plans, root, Path(args.reports), cluster=args.cluster, poll_s=args.poll, console=console)
+    remember(plans[-1].study.path, root)
+    seconds = out.pop("_seconds")
+    incomplete = []
+    for name, r in out.items():
+        console.print(f"{name}: queued {r['queued']} jobs; {r['stages_done']}/{r['stages']} stages done; "
+                      f"report: {r['report'] / 'index.html'}", highlight=False)
+        if r["stages_done"] < r["stages"]:
+            incomplete.append(name)
+    console.print(f"demo finished in {seconds / 60:.1f} min", highlight=False)
+    if incomplete:
+        print(f"repro demo: stages left undone in {', '.join(incomplete)}; see `repro status STUDY` "
+              f"(their reports show what is missing and why)", file=sys.stderr)
+        return 1
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- report
 def cmd_report(args) -> int:
     from repro.report import FORMATS, write
@@ -404,6 +434,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="sample the raw weights instead of the EMA")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("demo", help="the tiny DiC roadmap and DiCo ablations trained, evaluated and reported here")
+    p.add_argument("--studies", nargs="+", help="study files (default: experiments/tiny/dic_roadmap.yaml and "
+                                                "experiments/tiny/dico_ablation.yaml)")
+    p.add_argument("--results", help="results root (default: $REPRO_RESULTS or ./results)")
+    p.add_argument("--reports", default="reports", help="reports go to REPORTS/<study>/")
+    p.add_argument("--cluster", default="local", choices=("local", "debug"),
+                   help="local: background jobs, one per study; debug: in this process")
+    p.add_argument("--poll", type=float, default=5.0, help="seconds between progress updates")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("report", help="the paper's table regenerated with our numbers, protocols, figures, cost")
     _study_arguments(p)
