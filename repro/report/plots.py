@@ -49,14 +49,17 @@ def roadmap(table: pd.DataFrame, out: Path, title: str) -> list[Path]:
         ax.plot(x, pd.to_numeric(main["paper_fid"], errors="coerce"), "o-", color="tab:gray", label="paper FID-50K")
         ax.set_ylabel("paper FID")
         ax.set_xticks(list(x), main["paper_label"], rotation=35, ha="right", fontsize=8)
+        handles, labels = ax.get_legend_handles_labels()
         ours = pd.to_numeric(main["ours_fid"], errors="coerce") if "ours_fid" in main else None
         if ours is not None and ours.notna().any():
             std = pd.to_numeric(main["ours_fid_std"], errors="coerce").fillna(0) if "ours_fid_std" in main else None
             ax2 = ax.twinx()  # ours is measured under another protocol: never on the paper's axis
-            ax2.errorbar(list(x), ours, yerr=std, fmt="s-", color="tab:blue", capsize=3, label="ours")
+            ax2.errorbar(list(x), ours, yerr=std, fmt="s-", color="tab:blue", capsize=3, label="ours (own protocol)")
             ax2.set_ylabel("our FID (own protocol)", color="tab:blue")
-            ax2.legend(loc="upper center", fontsize=8)
-        ax.legend(loc="upper right", fontsize=8)
+            ax2.grid(False)
+            h2, l2 = ax2.get_legend_handles_labels()
+            handles, labels = handles + h2, labels + l2
+        ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=2, fontsize=8, frameon=False)
         ax.set_title(title, fontsize=10)
     else:
         ax.set_title(f"{title}: no paper FID for this study", fontsize=10)
