@@ -69,3 +69,13 @@ def stats_cache(tmp_path_factory) -> Path:
     """One statistics cache for the session (the training split's statistics are computed once); it sits where the
     CLI and the evaluate stage look for it, <results>/.cache."""
     return tmp_path_factory.mktemp("results") / ".cache"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` run only when asked for (`-m slow`): the default run stays under 15 minutes."""
+    if "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

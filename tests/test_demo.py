@@ -29,6 +29,7 @@ def small_study(folder: Path, base: str, steps: list[str], classifier: Path) -> 
     return path
 
 
+@pytest.mark.slow  # about 3 minutes on 2 cores; the default run must stay under 15 (-m slow runs it)
 @pytest.mark.skipif(not FASHION.exists(), reason="Debian package dataset-fashion-mnist is not installed")
 def test_demo_runs_both_studies_reports_them_and_a_second_run_trains_nothing(tmp_path, classifier, stats_cache,
                                                                               capsys):
