@@ -212,8 +212,9 @@ class Inception(Extractor):
 class FashionNet(nn.Module):
     """A small CNN for 32x32 grey images (Fashion-MNIST padded as our samples are): 10 classes.
 
-    Features: `pool` (128-d, after global average pooling) for FID and precision/recall; `spatial`, the first 8
-    channels of the 8x8 map before the last block (512-d), playing the role of Inception's mixed_6/conv for sFID.
+    Features: `pool` (4 x width: 64-d at the default width 16, after global average pooling) for FID and
+    precision/recall; `spatial`, the first 8 channels of the 8x8 map before the last block (512-d), playing the
+    role of Inception's mixed_6/conv for sFID.
     """
 
     def __init__(self, width: int = 16):
