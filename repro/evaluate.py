@@ -106,8 +106,8 @@ def evaluate_file(samples: Path, cfg: EvalConfig, cache: Path, extractor: ex.Ext
     if not samples.exists():
         raise ConfigError(f"{samples}: no such samples file or folder")
     spec = cfg.reference_spec  # a missing reference fails before any weights are loaded
-    extractor = extractor or build_extractor(cfg, cache, log)
     images = load_images(samples)
+    extractor = extractor or build_extractor(cfg, cache, log, ex.classifier_resolution(images))
     reference = load_reference(spec, extractor, cache, set(cfg.metrics), cfg.batch_size)
     started = time.perf_counter()
     values, missing = score(images, reference, extractor, cfg.metrics, cfg.batch_size)
@@ -134,12 +134,13 @@ def evaluate_file(samples: Path, cfg: EvalConfig, cache: Path, extractor: ex.Ext
             "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def build_extractor(cfg: EvalConfig, cache: Path, log=print) -> ex.Extractor:
+def build_extractor(cfg: EvalConfig, cache: Path, log=print, resolution: int = 32) -> ex.Extractor:
+    """The configured extractor; `resolution` picks the Fashion-MNIST classifier trained at the samples' size."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return ex.build(cfg.extractor, mode=cfg.mode, inception=cfg.inception, classifier=cfg.classifier, cache=cache,
-                    allow_download=cfg.allow_download, device=device, log=log)
+                    allow_download=cfg.allow_download, device=device, resolution=resolution, log=log)
 
 
 def _version(pkg: str) -> str | None:
@@ -166,7 +167,8 @@ def evaluate_run(run_dir: Path, sample: SampleConfig, cfg: EvalConfig, cache: Pa
             if done["protocol"].get("samples_sha256") == ex.sha256_file(npz):
                 out.append(target)
                 continue
-        extractor = extractor or build_extractor(cfg, cache, log)
+        if extractor is None:  # one extractor for the run's sample sets, which share one image size
+            extractor = build_extractor(cfg, cache, log, ex.classifier_resolution(load_images(npz)))
         record = evaluate_file(npz, cfg, cache, extractor, log)
         record["protocol"]["eval_config"] = dataclasses.asdict(cfg)
         rundir.atomic_write_text(target, json.dumps(record, indent=2) + "\n")
@@ -179,7 +181,7 @@ def data_geometry(cfg: RunConfig) -> tuple[tuple[int, int, int], int]:
     """(C, H, W) and class count of the model's input, from the data config alone (no data is read)."""
     d = cfg.data
     if d.kind == "fashion_mnist":
-        return (1, 32, 32), 10
+        return (1, d.resolution, d.resolution), 10
     if d.kind == "latents":
         return (4, d.resolution // 8, d.resolution // 8), 1000
     return (3, d.resolution, d.resolution), 1000

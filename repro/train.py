@@ -97,8 +97,8 @@ def model_spec(cfg: RunConfig, sample_shape: tuple[int, ...], num_classes: int) 
 
 def make_dataset(cfg: RunConfig):
     d = cfg.data
-    options = {"fashion_mnist": {"flip": d.flip}, "imagenet_folder": {"resolution": d.resolution, "flip": d.flip},
-               "latents": {}}
+    options = {"fashion_mnist": {"flip": d.flip, "resolution": d.resolution},
+               "imagenet_folder": {"resolution": d.resolution, "flip": d.flip}, "latents": {}}
     return build_dataset(d.kind, **({"root": d.path} if d.path else {}), **options[d.kind])
 
 

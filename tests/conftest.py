@@ -54,13 +54,14 @@ FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 @pytest.fixture(scope="session")
 def classifier(tmp_path_factory) -> Path:
-    """The real Fashion-MNIST classifier, trained once for the whole test session (about 2-3 minutes on 2 cores)."""
+    """The real Fashion-MNIST classifier at 16 px (the tiny studies' size), trained once for the whole test session
+    (about a minute on 2 cores)."""
     from repro.metrics.extractors import train_classifier
 
     if not FASHION.exists():
         pytest.skip("Debian package dataset-fashion-mnist is not installed")
-    path = tmp_path_factory.mktemp("extractors") / "fashion-mnist-classifier.pt"
-    train_classifier(path, log=lambda *_: None)
+    path = tmp_path_factory.mktemp("extractors") / "fashion-mnist-classifier-16px.pt"
+    train_classifier(path, resolution=16, log=lambda *_: None)
     return path
 
 

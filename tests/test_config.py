@@ -40,6 +40,7 @@ def test_values_and_types(tmp_path):
     ("train:\n  steps: 0\n", "run.yaml:2: train.steps: must be >= 1, got 0"),
     ("sample:\n  cfg_scale: 0.5\n", "run.yaml:2: sample.cfg_scale: must be >= 1"),
     ("model: [1, 2\n", "run.yaml:2: not valid YAML"),
+    ("data:\n  resolution: 28\n", "run.yaml:2: data.resolution: Fashion-MNIST comes at 32 or 16, got 28"),
 ])
 def test_mistakes_are_one_line_with_file_line_and_key(tmp_path, text, message):
     with pytest.raises(ConfigError) as e:

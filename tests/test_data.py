@@ -56,6 +56,25 @@ def test_fashion_mnist_real_files(fmnist, split, count, prefix):
 
 
 @needs_fmnist
+def test_fashion_mnist_at_16px_is_the_2x2_mean_of_the_32px_image(fmnist):
+    ds = data.FashionMNIST(split="test", resolution=16)
+    full = fmnist["test"].images.astype(np.int64)
+    assert ds.images.shape == (10_000, 16, 16) and ds.images.dtype == np.uint8
+    for i in (0, 1, 9_999):
+        # each pixel by hand: the four bytes of its block, mean rounded half up
+        for r, c in ((0, 0), (8, 8), (5, 11), (15, 15)):
+            block = full[i, 2 * r:2 * r + 2, 2 * c:2 * c + 2]
+            assert ds.images[i, r, c] == int(np.floor(block.mean() + 0.5))
+        x, y = ds[(i, 0)]
+        assert x.shape == (1, 16, 16) and y == fmnist["test"].labels[i]
+        border = torch.cat([x[:, :1].flatten(), x[:, -1:].flatten(), x[:, :, :1].flatten(), x[:, :, -1:].flatten()])
+        assert (border == -1).all()  # 2 px of background become 1
+    assert ds.describe()["shape"] == [1, 16, 16] and ds.describe()["padding"] == 1
+    with pytest.raises(ValueError, match="resolution must be 32 or 16, got 28"):
+        data.FashionMNIST(split="test", resolution=28)
+
+
+@needs_fmnist
 def test_fashion_mnist_keys_are_deterministic(fmnist):
     ds = fmnist["test"]
     a, b = ds[(5, 1)], ds[(5, 1)]

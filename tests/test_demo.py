@@ -59,3 +59,22 @@ def test_demo_runs_both_studies_reports_them_and_a_second_run_trains_nothing(tmp
     for state in root.glob("runs/*/state.json"):
         history = json.loads(state.read_text())["stages"]["train"]["history"]
         assert [e["state"] for e in history].count("running") == 1
+
+
+def test_seeds_extend_each_study_and_keep_seed_0_as_the_same_run(tmp_path):
+    from repro.demo import STUDIES, seeded_study
+    from repro.plan import expand, load_study
+
+    for study in STUDIES:
+        plain = expand(load_study(ROOT / study))
+        path = seeded_study(ROOT / study, 3, tmp_path)
+        assert path.parent == tmp_path / "demo"
+        seeded = expand(load_study(path))
+        assert seeded.study.study.study == plain.study.study.study + "_3seeds"
+        assert len(seeded.runs) == 3 * len(plain.runs)
+        by_seed = {s: [r for r in seeded.runs if r.seed == s] for s in (0, 1, 2)}
+        assert [r.id for r in by_seed[0]] == [r.id for r in plain.runs]  # seed 0 trains once, shared
+        assert len({r.id for r in seeded.runs}) == len(seeded.runs)
+        assert seeded.study.paper_path == plain.study.paper_path  # same paper table, so the same report rows
+        before = path.stat().st_mtime_ns
+        assert seeded_study(ROOT / study, 3, tmp_path) == path and path.stat().st_mtime_ns == before

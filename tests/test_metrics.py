@@ -205,17 +205,17 @@ def test_missing_inception_weights_is_one_line(tmp_path, capsys):
 def test_classifier_accuracy_and_fid_separates_data_from_noise(classifier, stats_cache, tmp_path):
     from repro.data import FashionMNIST
 
-    test = FashionMNIST(split="test")
+    test = FashionMNIST(split="test", resolution=16)
     clf = ex.FashionClassifier(classifier)
     # accuracy measured here, not read from the file the trainer wrote
     probs = clf.extract(test.images[..., None], spatial=False).probs
     accuracy = (probs.argmax(1) == test.labels).mean()
-    assert accuracy >= 0.90
+    assert accuracy >= 0.88  # 89.6% at 16 px; 91.3% at 32 px
     assert clf.test_accuracy == pytest.approx(accuracy, abs=1e-4)
 
     rng = np.random.default_rng(0)
     sets = {"test": test.images[..., None],
-            "noise": rng.integers(0, 256, (10_000, 32, 32, 1), dtype=np.uint8),
+            "noise": rng.integers(0, 256, (10_000, 16, 16, 1), dtype=np.uint8),
             "one_image": np.repeat(test.images[:1, ..., None], 10_000, axis=0)}
     cfg = EvalConfig(extractor="fashion-mnist", reference="fashion-mnist:train", classifier=str(classifier))
     fid = {}
@@ -229,7 +229,7 @@ def test_classifier_accuracy_and_fid_separates_data_from_noise(classifier, stats
 def test_fid_of_samples_against_themselves_is_zero(classifier, tmp_path):
     from repro.data import FashionMNIST
 
-    images = FashionMNIST(split="test").images[:2000, ..., None]
+    images = FashionMNIST(split="test", resolution=16).images[:2000, ..., None]
     np.savez(tmp_path / "s.npz", arr_0=images)
     cfg = EvalConfig(extractor="fashion-mnist", reference=str(tmp_path / "s.npz"), classifier=str(classifier))
     record = evaluate_file(tmp_path / "s.npz", cfg, tmp_path / "cache")
@@ -243,7 +243,7 @@ def test_classifier_fid_of_two_folders_equals_cleanfid(classifier, tmp_path):
 
     from repro.data import FashionMNIST
 
-    train, test = FashionMNIST(split="train").images, FashionMNIST(split="test").images
+    train, test = FashionMNIST(split="train", resolution=16).images, FashionMNIST(split="test", resolution=16).images
     da = _write_folder(tmp_path / "a", train[:600, ..., None])
     db = _write_folder(tmp_path / "b", test[:500, ..., None])
     cfg = EvalConfig(extractor="fashion-mnist", reference=str(db), classifier=str(classifier), metrics=("fid",))
@@ -260,7 +260,7 @@ def test_classifier_fid_of_two_folders_equals_cleanfid(classifier, tmp_path):
 def test_cli_evaluate_prints_metrics_with_protocol(classifier, stats_cache, tmp_path, capsys):
     from repro.data import FashionMNIST
 
-    np.savez(tmp_path / "s.npz", arr_0=FashionMNIST(split="test").images[:300, ..., None])
+    np.savez(tmp_path / "s.npz", arr_0=FashionMNIST(split="test", resolution=16).images[:300, ..., None])
     assert main(["evaluate", str(tmp_path / "s.npz"), "--extractor", "fashion-mnist", "--classifier",
                  str(classifier), "--results", str(stats_cache.parent), "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
@@ -271,3 +271,19 @@ def test_cli_evaluate_prints_metrics_with_protocol(classifier, stats_cache, tmp_
                  str(classifier), "--results", str(stats_cache.parent), "--metrics", "fid,is"]) == 0
     out = capsys.readouterr().out
     assert "FID-300 (Fashion-MNIST classifier)" in out and "not the papers' protocol" in out
+
+
+def test_a_classifier_of_another_size_is_a_one_line_error(tmp_path, capsys):
+    # a 32 px classifier file (written here, untrained: only its size matters) cannot score 16 px samples
+    torch.save({"model": ex.FashionNet(16).state_dict(), "width": 16, "resolution": 32, "test_accuracy": 0.1},
+               tmp_path / "clf32.pt")
+    np.savez(tmp_path / "s.npz", arr_0=np.zeros((20, 16, 16, 1), np.uint8))
+    assert main(["evaluate", str(tmp_path / "s.npz"), "--extractor", "fashion-mnist", "--ref", str(tmp_path / "s.npz"),
+                 "--classifier", str(tmp_path / "clf32.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "takes 32x32 images, got 16x16" in err
+    # without a file named, the classifier is picked (and trained once) at the samples' size
+    assert ex.classifier_resolution(np.zeros((1, 16, 16, 1), np.uint8)) == 16
+    assert ex.classifier_resolution(np.zeros((1, 28, 28, 1), np.uint8)) == 32
+    assert ex.classifier_path(None, tmp_path, 16).name == "fashion-mnist-classifier-16px.pt"
+    assert ex.classifier_path(None, tmp_path, 32).name == "fashion-mnist-classifier.pt"

@@ -57,7 +57,8 @@ def fixture_run(root: Path, run, fid: float, state: str = "done") -> None:
     if state == "failed":
         rundir.record_state(paths, f"sample:{pid}", "failed", cluster="fixture", error="fixture failure")
         return
-    for step in (250, 500):
+    steps = run.config.train.steps
+    for step in (steps // 2, steps):
         rundir.append_line(paths.metrics, json.dumps({"step": step, "loss": 0.1, "steps_per_s": 2.0}))
     rundir.atomic_write_text(paths.bench, json.dumps({
         "params": 1_000_000 + 1000 * len(run.step), "gmacs": 0.25, "winograd_gmacs": None,
@@ -66,7 +67,7 @@ def fixture_run(root: Path, run, fid: float, state: str = "done") -> None:
     record = {"metrics": {"fid": fid, "is": 2.0, "sfid": fid * 2, "precision": 0.5, "recall": 0.4},
               "labels": {"fid": "FID-1K (Fashion-MNIST classifier)"}, "unavailable": {},
               "protocol": {"sampler": "ddim", "steps": "50", "cfg_scale": 1.0, "guide_channels": 3,
-                           "num_evaluated": 1000, "labels": "uniform", "checkpoint_step": 500,
+                           "num_evaluated": 1000, "labels": "uniform", "checkpoint_step": steps,
                            "reference": "fashion-mnist:train", "extractor_label": "Fashion-MNIST classifier"},
               "paper_protocol": {"comparable": False, "differences": [
                   "features from the Fashion-MNIST classifier, not Inception", "1K samples, not 50K"]}}
@@ -119,6 +120,21 @@ def test_report_holds_every_paper_number_deltas_and_pending_rows(reported):
     assert dw7["state"] == "failed" and dw7["ours_fid"] == pytest.approx(fids[("dw7", 0)])  # the seed that ran
     md = (out / "report.md").read_text()
     assert "Spearman" in md and "| t5 | w/o CCA ‡ |" in md and "pending" in md
+    # one rank correlation per paper table, and one over the study's steps with each step once
+    from scipy.stats import spearmanr
+
+    md = " ".join(md.split())  # the template wraps lines
+    done = table.dropna(subset=["ours_fid"])
+    for t, n in (("t4", 6), ("t5", 5)):
+        part = done[done["table"] == t]
+        assert len(part) == n
+        rho = spearmanr(part["paper_fid"], part["ours_fid"])[0]
+        title = part["table_title"].iloc[0]
+        assert f"Spearman ρ = {rho:.3f}" in md and f"over {n} rows ({title})" in md
+    steps = done.drop_duplicates("step")
+    assert len(steps) == 9  # dico_s and dit_ushape stand in both tables; se, no_cca pending
+    rho = spearmanr(steps["paper_fid"], steps["ours_fid"])[0]
+    assert f"Spearman ρ = {rho:.3f}" in md and "over 9 rows (every step of the study, once)" in md
 
 
 def test_roadmap_report_holds_every_paper_number(tmp_path):

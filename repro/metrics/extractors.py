@@ -210,11 +210,11 @@ class Inception(Extractor):
 
 # ---------------------------------------------------------------------------------------------- Fashion-MNIST
 class FashionNet(nn.Module):
-    """A small CNN for 32x32 grey images (Fashion-MNIST padded as our samples are): 10 classes.
+    """A small CNN for 32x32 (or 16x16) grey images, Fashion-MNIST as our samples are: 10 classes.
 
     Features: `pool` (4 x width: 64-d at the default width 16, after global average pooling) for FID and
-    precision/recall; `spatial`, the first 8 channels of the 8x8 map before the last block (512-d), playing the
-    role of Inception's mixed_6/conv for sFID.
+    precision/recall; `spatial`, the first 8 channels of the R/4 map before the last block (512-d at 32 px,
+    128-d at 16 px), playing the role of Inception's mixed_6/conv for sFID.
     """
 
     def __init__(self, width: int = 16):
@@ -237,17 +237,23 @@ class FashionNet(nn.Module):
         return {"pool": pool, "logits": self.head(pool), "spatial": spatial[:, :8].flatten(1)}
 
 
-def grey32(images: np.ndarray) -> np.ndarray:
-    """uint8 NHWC (1 or 3 equal channels; 28 or 32 px) -> uint8 (N, 32, 32), Fashion-MNIST's 28 px padded by 2."""
+def grey(images: np.ndarray, resolution: int = 32) -> np.ndarray:
+    """uint8 NHWC (1 or 3 equal channels) -> uint8 (N, R, R); at R = 32, 28 px (Fashion-MNIST's own) is padded by 2."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"expected uint8 images (N, H, W, 1 or 3), got {images.dtype} {images.shape}")
     g = images[..., 0]
-    if g.shape[1:] == (28, 28):
+    if resolution == 32 and g.shape[1:] == (28, 28):
         g = np.pad(g, ((0, 0), (2, 2), (2, 2)))
-    if g.shape[1:] != (32, 32):
-        raise ValueError(f"the Fashion-MNIST classifier takes 32x32 (or 28x28) images, got {g.shape[1]}x{g.shape[2]}")
+    if g.shape[1:] != (resolution, resolution):
+        raise ValueError(f"this Fashion-MNIST classifier takes {resolution}x{resolution} images, "
+                         f"got {g.shape[1]}x{g.shape[2]}")
     return g
+
+
+def classifier_resolution(images: np.ndarray) -> int:
+    """The classifier resolution that scores these images: 16 for 16 px samples, else 32 (28 px pads to it)."""
+    return 16 if np.asarray(images).shape[1] == 16 else 32
 
 
 class FashionClassifier(Extractor):
@@ -263,12 +269,14 @@ class FashionClassifier(Extractor):
         self.net = FashionNet(state["width"]).eval().to(self.device)
         self.net.load_state_dict(state["model"])
         self.test_accuracy = state["test_accuracy"]
+        self.resolution = state.get("resolution", 32)
 
     def protocol(self) -> dict:
-        return {**super().protocol(), "extractor_test_accuracy": self.test_accuracy}
+        return {**super().protocol(), "extractor_test_accuracy": self.test_accuracy,
+                "extractor_resolution": self.resolution}
 
     def prepare(self, images: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.repeat(grey32(images)[:, None], 3, axis=1)).float()
+        return torch.from_numpy(np.repeat(grey(images, self.resolution)[:, None], 3, axis=1)).float()
 
     @torch.no_grad()
     def _forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -290,13 +298,14 @@ class FashionClassifier(Extractor):
 
 
 def train_classifier(out: Path, root: str | Path | None = None, epochs: int = 5, width: int = 16, seed: int = 0,
-                     batch: int = 128, log=print) -> dict:
-    """Train FashionNet on the training split, measure it on the test split, save {weights, accuracy} atomically."""
+                     batch: int = 128, resolution: int = 32, log=print) -> dict:
+    """Train FashionNet on the training split at `resolution` (as the samples it will score), measure it on the
+    test split, save {weights, accuracy} atomically."""
     from repro import rundir
     from repro.data import FASHION_MNIST_ROOT, FashionMNIST
 
-    train_set = FashionMNIST(root or FASHION_MNIST_ROOT, "train")
-    test_set = FashionMNIST(root or FASHION_MNIST_ROOT, "test")
+    train_set = FashionMNIST(root or FASHION_MNIST_ROOT, "train", resolution=resolution)
+    test_set = FashionMNIST(root or FASHION_MNIST_ROOT, "test", resolution=resolution)
     torch.manual_seed(seed)
     net = FashionNet(width)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
@@ -324,7 +333,7 @@ def train_classifier(out: Path, root: str | Path | None = None, epochs: int = 5,
     with torch.no_grad():
         pred = torch.cat([net(x_test[i:i + 1000])["logits"].argmax(-1) for i in range(0, len(x_test), 1000)])
     accuracy = (pred.numpy() == test_set.labels).mean().item()
-    record = {"model": net.state_dict(), "width": width, "epochs": epochs, "seed": seed,
+    record = {"model": net.state_dict(), "width": width, "resolution": resolution, "epochs": epochs, "seed": seed,
               "test_accuracy": accuracy, "trained_on": "Fashion-MNIST train (60,000)",
               "tested_on": "Fashion-MNIST test (10,000)"}
     rundir.save_atomic(record, out)
@@ -334,25 +343,28 @@ def train_classifier(out: Path, root: str | Path | None = None, epochs: int = 5,
     return info
 
 
-def classifier_path(configured: str | Path | None, cache: Path) -> Path:
-    return Path(configured) if configured else cache / "extractors" / "fashion-mnist-classifier.pt"
+def classifier_path(configured: str | Path | None, cache: Path, resolution: int = 32) -> Path:
+    name = "fashion-mnist-classifier.pt" if resolution == 32 else f"fashion-mnist-classifier-{resolution}px.pt"
+    return Path(configured) if configured else cache / "extractors" / name
 
 
 def build(name: str, *, mode: str = "legacy_tensorflow", inception: str | Path | None = None,
           classifier: str | Path | None = None, cache: Path = Path("results/.cache"), allow_download: bool = False,
-          train_if_missing: bool = True, device: str | torch.device = "cpu", log=print) -> Extractor:
-    """The extractor `name` with its weights: Inception from a local file; the Fashion-MNIST classifier from its
-    file, trained once (under a lock, so concurrent evaluate jobs train it once) when missing and allowed."""
+          train_if_missing: bool = True, device: str | torch.device = "cpu", resolution: int = 32,
+          log=print) -> Extractor:
+    """The extractor `name` with its weights: Inception from a local file; the Fashion-MNIST classifier for
+    `resolution` px images from its file, trained once (under a lock, so concurrent evaluate jobs train it once)
+    when missing and allowed."""
     if name == "inception":
         return Inception(inception_path(inception, allow_download), mode, device)
     if name == "fashion-mnist":
-        path = classifier_path(classifier, cache)
+        path = classifier_path(classifier, cache, resolution)
         if not path.is_file() and train_if_missing and not classifier:
             from repro import rundir
 
             with rundir.file_lock(path.with_suffix(".lock")):
                 if not path.is_file():
                     log(f"training the Fashion-MNIST classifier once into {path} ...")
-                    train_classifier(path, log=log)
+                    train_classifier(path, resolution=resolution, log=log)
         return FashionClassifier(path, device)
     raise ConfigError(f"unknown extractor {name!r}: use inception or fashion-mnist")

@@ -131,15 +131,16 @@ def load_reference(spec: str | Path, extractor, cache: Path, want: set[str], bat
         from repro.data import FashionMNIST
 
         split = spec[len(DATASET_PREFIX):]
+        resolution = getattr(extractor, "resolution", 32)  # the split as the classifier sees the samples
         try:
-            data = FashionMNIST(split=split)
+            data = FashionMNIST(split=split, resolution=resolution)
         except ValueError as e:
             raise ConfigError(f"reference {spec}: {e}") from None
         images = data.images[..., None]
         sha = _sha_bytes(images.tobytes())
         key = _sha_bytes(f"{CACHE_VERSION}|{sha}|{extractor.id}|{want_spatial}".encode())[:20]
         arrays = _cached(cache, key, lambda: _image_stats(images, extractor, want_spatial, batch_size))
-        return _from_arrays(spec, "dataset", f"{data.root}/{split}", sha, arrays, extractor.id)
+        return _from_arrays(spec, "dataset", f"{data.root}/{split} at {resolution} px", sha, arrays, extractor.id)
     path = Path(spec)
     if not path.exists():
         raise ConfigError(f"{path}: reference not found (an ADM batch such as VIRTUAL_imagenet256_labeled.npz, "

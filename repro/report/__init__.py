@@ -29,7 +29,7 @@ NAMES = {"fid": "FID", "is": "IS", "sfid": "sFID", "precision": "Prec.", "recall
          "winograd_gmacs": "Winograd GMACs", "params_m": "Params (M)", "img_per_s": "img/s"}
 
 
-def spearman(table: pd.DataFrame, metric: str = "fid") -> dict | None:
+def spearman(table: pd.DataFrame, metric: str = "fid", scope: str = "") -> dict | None:
     """Rank correlation between the paper's numbers and ours over the rows that have both (None under 3 rows)."""
     from scipy.stats import spearmanr
 
@@ -40,7 +40,22 @@ def spearman(table: pd.DataFrame, metric: str = "fid") -> dict | None:
     if len(both) < 3:
         return None
     rho, pvalue = spearmanr(both[p].astype(float), both[o].astype(float))
-    return {"metric": metric, "rho": float(rho), "p": float(pvalue), "n": len(both)}
+    return {"metric": metric, "rho": float(rho), "p": float(pvalue), "n": len(both), "scope": scope}
+
+
+def correlations(table: pd.DataFrame, metric: str = "fid") -> list[dict]:
+    """Spearman per paper table and, when the study spans several (DiCo Tables 4 and 5), over all its steps, each
+    step once (a step standing for two paper rows, DiCo-S as Table 4's U-shape and Table 5's baseline, counts once
+    where the paper prints the same number twice)."""
+    if not len(table):
+        return []
+    tables = list(dict.fromkeys(table["table"]))
+    out = [spearman(table[table["table"] == t], metric, table.loc[table["table"] == t, "table_title"].iloc[0])
+           for t in tables]
+    if len(tables) > 1:
+        steps = table.drop_duplicates(subset=[c for c in ("step", "protocol") if c in table])
+        out.append(spearman(steps, metric, "every step of the study, once"))
+    return [c for c in out if c]
 
 
 def _fmt(v, digits: int = 2) -> str:
@@ -145,7 +160,7 @@ def write(plan: Plan, root: Path, out: Path, formats: tuple[str, ...] = FORMATS)
             "gpu_hours_spent"].sum() if len(df) else None),
         "wall_hours": _fmt(df.drop_duplicates("run_id")["wall_hours"].sum() if len(df) else None),
         "common_differences": common_differences(table) if len(table) else [],
-        "correlations": [c for c in (spearman(table, "fid"),) if c] if len(table) else [],
+        "correlations": correlations(table, "fid"),
         "protocols": _protocol_lines(df, table, plan), "figures": plots.FIGURES, "grids": grids,
         "metrics": [NAMES[m] for m in PAPER_METRICS if m in NAMES],
     }
