@@ -57,6 +57,21 @@ def _training(paths: rundir.RunPaths) -> tuple[int, float]:
     return step, seconds / 3600
 
 
+def loss_curves(plan: Plan, root: Path) -> pd.DataFrame:
+    """Logged training loss of every run: one row per (step label, seed, training step) with loss and mse."""
+    rows = []
+    for run in plan.runs:
+        paths = rundir.RunPaths(root / "runs" / run.id)
+        if not paths.metrics.exists():
+            continue
+        for line in paths.metrics.read_text().splitlines():
+            if line.strip():
+                m = json.loads(line)
+                rows.append({"label": run.label, "seed": run.seed, "step": m["step"], "loss": m.get("loss"),
+                             "mse": m.get("mse")})
+    return pd.DataFrame(rows, columns=["label", "seed", "step", "loss", "mse"])
+
+
 def _state(run_states: dict, jobs: dict, stages: list[str], done: bool) -> str:
     """One word for a row: done, or why its number is missing (failed / running / queued / pending)."""
     if done:

@@ -99,7 +99,7 @@ def test_report_holds_every_paper_number_deltas_and_pending_rows(reported):
     plan, out, fids = reported
     for name in ("index.html", "report.md", "table.csv", "table.tex", "runs.csv"):
         assert (out / name).is_file(), name
-    for fig in ("roadmap", "fid_vs_step", "frontier", "speedup"):
+    for fig in ("roadmap", "fid_vs_step", "frontier", "speedup", "loss"):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 1000 and (out / "figures" / f"{fig}.svg").exists()
     table = pd.read_csv(out / "table.csv")
     paper = load_paper(plan.study.paper_path)

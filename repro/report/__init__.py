@@ -21,7 +21,7 @@ import pandas as pd
 from repro import rundir
 from repro.plan import Plan
 from repro.report import plots
-from repro.results import PAPER_METRICS, by_step, collect, paper_table
+from repro.results import PAPER_METRICS, by_step, collect, loss_curves, paper_table
 
 FORMATS = ("html", "md", "csv", "tex")
 SHOWN = ("fid", "is", "sfid", "precision", "recall", "gmacs", "params_m", "img_per_s")
@@ -137,7 +137,8 @@ def write(plan: Plan, root: Path, out: Path, formats: tuple[str, ...] = FORMATS)
     for name, paths in (("roadmap", plots.roadmap(table, figures, title)),
                         ("fid_vs_step", plots.fid_vs_step(df, figures)),
                         ("frontier", plots.frontier(steps, figures)),
-                        ("speedup", plots.speedup(steps, figures))):
+                        ("speedup", plots.speedup(steps, figures)),
+                        ("loss", plots.loss(loss_curves(plan, root), figures))):
         written[f"figure:{name}"] = paths[0]
     grids = _copy_grids(plan, root, df, out / "grids")
 

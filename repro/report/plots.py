@@ -3,7 +3,8 @@
 - roadmap: FID after each cumulative step, paper and ours (DiC Figure 1);
 - fid_vs_step: FID against training step, one line per model (DiCo Table 8);
 - frontier: throughput against FID, the speed/quality frontier, DiT baselines marked;
-- speedup: throughput ratio of each model to the DiT baseline.
+- speedup: throughput ratio of each model to the DiT baseline;
+- loss: the training loss (ε-MSE) against step, one line per model: whether training had flattened.
 
 A figure with nothing to show says so in its title instead of being skipped, so the report's layout is stable.
 Our numbers and the paper's sit on separate axes when they are measured under different protocols.
@@ -23,7 +24,7 @@ import seaborn as sns  # noqa: E402
 
 from repro import rundir  # noqa: E402
 
-FIGURES = ("roadmap", "fid_vs_step", "frontier", "speedup")
+FIGURES = ("roadmap", "fid_vs_step", "frontier", "speedup", "loss")
 sns.set_theme(style="whitegrid", context="paper")
 
 
@@ -119,3 +120,22 @@ def speedup(steps: pd.DataFrame, out: Path) -> list[Path]:
     else:
         ax.set_title("Throughput ratio: needs bench.json for a DiT baseline", fontsize=10)
     return _save(fig, out, "speedup")
+
+
+def loss(curves: pd.DataFrame, out: Path) -> list[Path]:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    col = "mse" if len(curves) and curves["mse"].notna().any() else "loss"  # mse: without the VLB term
+    have = curves.dropna(subset=[col]) if len(curves) else curves
+    if len(have):
+        for label, g in have.groupby("label", sort=False):
+            g = g.groupby("step")[col].mean().sort_index()  # mean over seeds
+            # a centred 5-window mean: the logged windows of small batches are noisy
+            ax.plot(g.index, g.rolling(5, center=True, min_periods=1).mean().values, label=label, lw=1.2)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"{'ε-MSE' if col == 'mse' else 'loss'} (logged windows, 5-window mean)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        ax.set_title("Training loss", fontsize=10)
+    else:
+        ax.set_title("Training loss: no run has logged a step yet", fontsize=10)
+    return _save(fig, out, "loss")
