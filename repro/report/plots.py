@@ -127,10 +127,13 @@ def loss(curves: pd.DataFrame, out: Path) -> list[Path]:
     col = "mse" if len(curves) and curves["mse"].notna().any() else "loss"  # mse: without the VLB term
     have = curves.dropna(subset=[col]) if len(curves) else curves
     if len(have):
-        for label, g in have.groupby("label", sort=False):
+        groups = list(have.groupby("label", sort=False))
+        colors = sns.color_palette("tab10" if len(groups) <= 10 else "husl", len(groups))  # one colour per line
+        for (label, g), color in zip(groups, colors, strict=True):
             g = g.groupby("step")[col].mean().sort_index()  # mean over seeds
             # a centred 5-window mean: the logged windows of small batches are noisy
-            ax.plot(g.index, g.rolling(5, center=True, min_periods=1).mean().values, label=label, lw=1.2)
+            ax.plot(g.index, g.rolling(5, center=True, min_periods=1).mean().values, label=label, lw=1.2,
+                    color=color)
         ax.set_xlabel("training step")
         ax.set_ylabel(f"{'ε-MSE' if col == 'mse' else 'loss'} (logged windows, 5-window mean)")
         ax.set_yscale("log")
