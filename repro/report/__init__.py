@@ -62,6 +62,8 @@ def _fmt(v, digits: int = 2) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return ""
     if isinstance(v, float):
+        if 0 < abs(v) < 0.1:  # toy models' GMACs (0.0218): two decimals would print 0.02 for all of them
+            return f"{v:.3g}"
         return f"{v:,.{digits}f}" if abs(v) < 1e6 else f"{v:,.0f}"
     return str(v)
 
