@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from repro.config import FASHION_MNIST_RESOLUTIONS
 from repro.errors import did_you_mean
 from repro.rundir import atomic_write, atomic_write_text
 
@@ -186,8 +187,9 @@ class FashionMNIST(torch.utils.data.Dataset):
                  resolution: int = 32):
         if split not in FASHION_MNIST_FILES:
             raise ValueError(f"Fashion-MNIST split must be one of {', '.join(FASHION_MNIST_FILES)}, got {split!r}")
-        if resolution not in (32, 16):
-            raise ValueError(f"Fashion-MNIST resolution must be 32 or 16, got {resolution!r}")
+        if resolution not in FASHION_MNIST_RESOLUTIONS:
+            raise ValueError(f"Fashion-MNIST resolution must be "
+                             f"{' or '.join(map(str, FASHION_MNIST_RESOLUTIONS))}, got {resolution!r}")
         self.root, self.split, self.resolution = Path(root), split, resolution
         # No flip by default: a deterministic pixel set keeps small runs and their golden tests exact.
         self.flip = flip

@@ -41,15 +41,17 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+def _metrics(paths: rundir.RunPaths) -> list[dict]:
+    """train/metrics.jsonl as records ([] before the first logged step)."""
+    if not paths.metrics.exists():
+        return []
+    return [json.loads(line) for line in paths.metrics.read_text().splitlines() if line.strip()]
+
+
 def _training(paths: rundir.RunPaths) -> tuple[int, float]:
     """(steps trained, wall hours of training) from train/metrics.jsonl: each logged window's steps / steps/s."""
-    if not paths.metrics.exists():
-        return 0, 0.0
     step, seconds = 0, 0.0
-    for line in paths.metrics.read_text().splitlines():
-        if not line.strip():
-            continue
-        m = json.loads(line)
+    for m in _metrics(paths):
         rate = m.get("steps_per_s")
         if rate:
             seconds += (m["step"] - step) / rate
@@ -59,16 +61,8 @@ def _training(paths: rundir.RunPaths) -> tuple[int, float]:
 
 def loss_curves(plan: Plan, root: Path) -> pd.DataFrame:
     """Logged training loss of every run: one row per (step label, seed, training step) with loss and mse."""
-    rows = []
-    for run in plan.runs:
-        paths = rundir.RunPaths(root / "runs" / run.id)
-        if not paths.metrics.exists():
-            continue
-        for line in paths.metrics.read_text().splitlines():
-            if line.strip():
-                m = json.loads(line)
-                rows.append({"label": run.label, "seed": run.seed, "step": m["step"], "loss": m.get("loss"),
-                             "mse": m.get("mse")})
+    rows = [{"label": run.label, "seed": run.seed, "step": m["step"], "loss": m.get("loss"), "mse": m.get("mse")}
+            for run in plan.runs for m in _metrics(rundir.RunPaths(root / "runs" / run.id))]
     return pd.DataFrame(rows, columns=["label", "seed", "step", "loss", "mse"])
 
 
