@@ -168,7 +168,7 @@ def cmd_extract_latents(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- plan / status
 def _load_plan(args):
-    from repro.config import model_checks
+    from repro.modelcheck import model_checks
     from repro.plan import expand, last_study, load_study, results_root
 
     root = results_root(args.results)
@@ -295,7 +295,7 @@ def cmd_cancel(args) -> int:
 # ---------------------------------------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
     from repro import demo
-    from repro.config import model_checks
+    from repro.modelcheck import model_checks
     from repro.plan import expand, load_study, remember, results_root
 
     root = results_root(args.results)

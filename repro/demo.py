@@ -29,7 +29,7 @@ def seeded_study(study: Path, seeds: int, root: Path) -> Path:
     import json
 
     from repro import rundir
-    from repro.config import read_yaml
+    from repro.yamlio import read_yaml
 
     name = read_yaml(study)[0]["study"]
     path = root / "demo" / f"{study.stem}-{seeds}seeds.yaml"

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from repro import rundir
-from repro.config import (METRICS, BenchConfig, ConfigError, EvalConfig, RunConfig, SampleConfig, protocol_id,
-                          sample_stems)
+from repro.config import METRICS, BenchConfig, EvalConfig, RunConfig, SampleConfig, protocol_id, sample_stems
+from repro.errors import ConfigError
 from repro.metrics import extractors as ex
 from repro.metrics.fid import IS_SPLIT_SIZE, PR_NEIGHBOURS, fit, frechet_distance, inception_score, precision_recall
 from repro.metrics.reference import Reference, content_hash, load_images, load_reference

@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from repro import rundir
-from repro.config import (BenchConfig, ConfigError, EvalConfig, RunConfig, SampleConfig, Where, from_dict, protocol_id,
-                          read_yaml)
-from repro.errors import did_you_mean
+from repro.config import BenchConfig, EvalConfig, RunConfig, SampleConfig, protocol_id
+from repro.errors import ConfigError, did_you_mean
 from repro.plan import Plan, Run, Stage, stage_states
+from repro.yamlio import Where, from_dict, read_yaml
 
 CLUSTERS = ("slurm", "local", "debug")
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from repro.config import ConfigError, Where, from_dict, model_checks, read_yaml
-from repro.errors import did_you_mean
+from repro.errors import ConfigError, did_you_mean
+from repro.modelcheck import model_checks
+from repro.yamlio import Where, from_dict, read_yaml
 
 PAPER_DIR = Path(__file__).resolve().parents[1] / "experiments" / "paper"
 

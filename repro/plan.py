@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from repro import rundir
-from repro.config import (ConfigError, EvalConfig, LoadedStudy, RunConfig, SampleConfig, identity_id, load_study,
-                          protocol_id, run_identity, sample_stems, step_rows, to_dict)
+from repro.config import (EvalConfig, RunConfig, SampleConfig, identity_id, protocol_id, run_identity, sample_stems,
+                          to_dict)
+from repro.errors import ConfigError
+from repro.study import LoadedStudy, load_study, step_rows
 
 RESULTS_ENV = "REPRO_RESULTS"
 LAST_STUDY = ".last_study"

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from repro import distributed, models, rundir
-from repro.config import (ConfigError, RunConfig, SampleConfig, config_hash, load_run_record, protocol_id,
-                          sample_stem)
+from repro.config import RunConfig, SampleConfig, config_hash, load_run_record, protocol_id, sample_stem
 from repro.data import VAE, to_uint8
 from repro.diffusion import cfg_model_fn, create_diffusion
+from repro.errors import ConfigError
 from repro.train import seed_for
 
 

@@ -23,10 +23,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 from repro import distributed, models, rundir
-from repro.config import (ConfigError, RunConfig, config_hash, dump_run_record, load_run_record, run_id, run_identity,
-                          to_dict)
+from repro.config import RunConfig, config_hash, dump_run_record, load_run_record, run_id, run_identity, to_dict
 from repro.data import LATENT_SCALE, VAE, build_dataset
 from repro.diffusion import create_diffusion
+from repro.errors import ConfigError
 
 
 class Interrupted(Exception):

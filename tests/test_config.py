@@ -2,7 +2,8 @@
 
 import pytest
 
-from repro.config import ConfigError, RunConfig, config_hash, load_run_config
+from repro.config import RunConfig, config_hash, load_run_config
+from repro.errors import ConfigError
 
 
 def _load(tmp_path, text):

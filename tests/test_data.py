@@ -404,8 +404,9 @@ def test_latent_run_end_to_end_through_the_cli(image_tree, tiny_vae, tmp_path, c
 
 
 def test_on_the_fly_vae_training_records_its_latent_source(image_tree, tiny_vae, tmp_path):
-    from repro.config import RunConfig, from_dict
+    from repro.config import RunConfig
     from repro.train import train
+    from repro.yamlio import from_dict
 
     cfg = from_dict(RunConfig, {
         "model": {"name": "DiT-S/2", "overrides": {"hidden_size": 32, "depth": 2, "num_heads": 2}},

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from repro.cli import main
-from repro.config import ConfigError
+from repro.errors import ConfigError
 from repro.launch import Profile, decide, load_profile, parse_time, read_state, sbatch_text, submit
 from repro.plan import expand, load_study
 

@@ -3,7 +3,7 @@
 import pytest
 
 from repro import models
-from repro.config import ConfigError
+from repro.errors import ConfigError
 from repro.paper import METRICS, PAPER_DIR, Protocol, load_all, load_paper
 
 

@@ -7,8 +7,9 @@ import pytest
 import yaml
 
 from repro.cli import main
-from repro.config import ConfigError, load_study
+from repro.errors import ConfigError
 from repro.plan import expand
+from repro.study import load_study
 
 ROADMAP = Path(__file__).parent.parent / "experiments" / "dic_roadmap.yaml"
 

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from repro.cli import main
-from repro.config import RunConfig, SampleConfig, from_dict
+from repro.config import RunConfig, SampleConfig
 from repro.sample import protocol_id, sample, sample_labels
 from repro.train import train
+from repro.yamlio import from_dict
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").exists(),

@@ -14,8 +14,9 @@ import pytest
 import torch
 import yaml
 
-from repro.config import RunConfig, from_dict
+from repro.config import RunConfig
 from repro.train import StepBatches, TrainingDiverged, train
+from repro.yamlio import from_dict
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").exists(),

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from repro.config import ConfigError
+from repro.errors import ConfigError
 from repro.metrics.fid import PR_MAX_REFERENCE, Gaussian, fit
 
 IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
