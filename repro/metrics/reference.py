@@ -2,14 +2,17 @@
 
 A reference is one of
   - ADM's batch (`VIRTUAL_imagenet256_labeled.npz`, `VIRTUAL_imagenet512.npz`): `mu`/`sigma` (pool) and
-    `mu_s`/`sigma_s` (spatial) over the whole training set, computed by ADM's TF Inception, and 10,000 images
-    (`arr_0`) used only for precision/recall. Its statistics are used as stored, with the Inception extractor only;
+    `mu_s`/`sigma_s` (spatial, in TF's NHWC order) over the whole training set, computed by ADM's TF Inception, and
+    10,000 images (`arr_0`) used only for precision/recall, all of them, as ADM does. Its statistics are used as
+    stored, with the Inception extractor only;
   - clean-fid statistics (`mu`, `sigma` only): FID only;
   - images: an npz with `arr_0` (uint8 NHWC) or a folder of image files, run through the extractor;
   - `fashion-mnist:train` / `fashion-mnist:test`: a split of the Fashion-MNIST files, as the samples are padded.
 
-Statistics computed here are cached under `<cache>/stats/`, keyed by the reference's content hash and the
-extractor's id (clean-fid writes its own into site-packages, which fails on read-only installs).
+Statistics computed here are cached under `<cache>/stats/`, keyed by the reference's content hash, the
+extractor's id and CACHE_VERSION (clean-fid writes its own into site-packages, which fails on read-only installs).
+v2: spatial features in ADM's NHWC order (v1 flattened NCHW), and every reference image kept for ADM-style
+precision/recall.
 """
 
 from __future__ import annotations
@@ -22,11 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from repro.errors import ConfigError
-from repro.metrics.fid import PR_MAX_REFERENCE, Gaussian, fit
+from repro.metrics.fid import Gaussian, fit, pr_reference_subset
 
 IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
 DATASET_PREFIX = "fashion-mnist:"
-CACHE_VERSION = "stats v1"
+CACHE_VERSION = "stats v2"
 
 
 @dataclass
@@ -38,13 +41,21 @@ class Reference:
     count: int | None                       # images behind the statistics (None: not stated by the file)
     pool: Gaussian
     spatial: Gaussian | None = None
-    pr_features: np.ndarray | None = None   # pool features of up to 10K reference images
+    pr_features: np.ndarray | None = None   # pool features of the reference images for precision/recall
     stats_by: str = ""                      # who computed the statistics
+    pr_distances: str = "float32"           # adm | float32 (repro.metrics.fid): how precision/recall is computed
 
     def protocol(self) -> dict:
         return {"reference": self.id, "reference_kind": self.kind, "reference_source": self.source,
                 "reference_sha256": self.sha256, "reference_count": self.count, "reference_stats_by": self.stats_by,
-                "pr_reference_count": None if self.pr_features is None else len(self.pr_features)}
+                "pr_reference_count": None if self.pr_features is None else len(self.pr_features),
+                "pr_distances": PR_DESCRIPTIONS[self.pr_distances]}
+
+
+PR_DESCRIPTIONS = {
+    "adm": "ADM: float16 distances, float32 fallback per 10,000 x 10,000 block, every reference image",
+    "float32": "float32 distances (original k-NN code), at most 10,000 reference images",
+}
 
 
 def _sha_bytes(*parts: bytes) -> str:
@@ -90,13 +101,6 @@ def content_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def _pr_subset(n: int) -> np.ndarray:
-    """Which reference images form the precision/recall batch: all up to 10K, else a fixed random 10K."""
-    if n <= PR_MAX_REFERENCE:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(0).permutation(n)[:PR_MAX_REFERENCE])
-
-
 def _cached(cache: Path, key: str, compute) -> dict:
     """Arrays computed once per (reference content, extractor), kept in an npz."""
     from repro import rundir
@@ -112,21 +116,30 @@ def _cached(cache: Path, key: str, compute) -> dict:
     return {k: v for k, v in arrays.items() if v is not None}
 
 
-def _image_stats(images: np.ndarray, extractor, want_spatial: bool, batch_size: int) -> dict:
+def _image_stats(images: np.ndarray, extractor, want_spatial: bool, batch_size: int, pr_all: bool) -> dict:
     feats = extractor.extract(images, batch_size=batch_size, probs=False, spatial=want_spatial)
     pool, out = fit(feats.pool), {}
     out.update(mu=pool.mu, sigma=pool.sigma, count=np.array(len(images)))
     if feats.spatial is not None:
         s = fit(feats.spatial)
         out.update(mu_s=s.mu, sigma_s=s.sigma)
-    out["pr"] = feats.pool[_pr_subset(len(images))].astype(np.float32)
+    out["pr"] = feats.pool[slice(None) if pr_all else pr_reference_subset(len(images))].astype(np.float32)
     return out
 
 
-def load_reference(spec: str | Path, extractor, cache: Path, want: set[str], batch_size: int = 64) -> Reference:
-    """The reference named by `spec` (a path or `fashion-mnist:<split>`), its statistics under `extractor`."""
+def load_reference(spec: str | Path, extractor, cache: Path, want: set[str], batch_size: int = 64,
+                   pr_distances: str = "auto") -> Reference:
+    """The reference named by `spec` (a path or `fashion-mnist:<split>`), its statistics under `extractor`.
+    `pr_distances` "auto" is ADM's precision/recall for an ADM batch, float32 for anything else."""
     spec = str(spec)
     want_spatial = "sfid" in want
+
+    def images_reference(ref_id: str, kind: str, source: str, sha: str, read) -> Reference:
+        pr = "float32" if pr_distances == "auto" else pr_distances
+        key = _sha_bytes(f"{CACHE_VERSION}|{sha}|{extractor.id}|{want_spatial}|{pr}".encode())[:20]
+        arrays = _cached(cache, key, lambda: _image_stats(read(), extractor, want_spatial, batch_size, pr == "adm"))
+        return _from_arrays(ref_id, kind, source, sha, arrays, extractor.id, pr)
+
     if spec.startswith(DATASET_PREFIX):
         from repro.data import FashionMNIST
 
@@ -137,19 +150,14 @@ def load_reference(spec: str | Path, extractor, cache: Path, want: set[str], bat
         except ValueError as e:
             raise ConfigError(f"reference {spec}: {e}") from None
         images = data.images[..., None]
-        sha = _sha_bytes(images.tobytes())
-        key = _sha_bytes(f"{CACHE_VERSION}|{sha}|{extractor.id}|{want_spatial}".encode())[:20]
-        arrays = _cached(cache, key, lambda: _image_stats(images, extractor, want_spatial, batch_size))
-        return _from_arrays(spec, "dataset", f"{data.root}/{split} at {resolution} px", sha, arrays, extractor.id)
+        return images_reference(spec, "dataset", f"{data.root}/{split} at {resolution} px",
+                                _sha_bytes(images.tobytes()), lambda: images)
     path = Path(spec)
     if not path.exists():
         raise ConfigError(f"{path}: reference not found (an ADM batch such as VIRTUAL_imagenet256_labeled.npz, "
                           f"clean-fid statistics, an npz of images, a folder of images, or fashion-mnist:train)")
     if path.is_dir():
-        sha = content_hash(path)
-        key = _sha_bytes(f"{CACHE_VERSION}|{sha}|{extractor.id}|{want_spatial}".encode())[:20]
-        arrays = _cached(cache, key, lambda: _image_stats(load_images(path), extractor, want_spatial, batch_size))
-        return _from_arrays(path.name, "folder", str(path), sha, arrays, extractor.id)
+        return images_reference(path.name, "folder", str(path), content_hash(path), lambda: load_images(path))
     sha = content_hash(path)
     try:
         with np.load(path) as f:
@@ -164,22 +172,21 @@ def load_reference(spec: str | Path, extractor, cache: Path, want: set[str], bat
             arrays = {k: f[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in f.files}
         kind, by = ("adm", "ADM evaluator (TF Inception), as stored") if "arr_0" in keys else \
             ("cleanfid_stats", "as stored")
+        pr = ("adm" if kind == "adm" else "float32") if pr_distances == "auto" else pr_distances
         if "arr_0" in keys and want & {"precision", "recall"}:
             key = _sha_bytes(f"{CACHE_VERSION}|pr|{sha}|{extractor.id}".encode())[:20]
-            pr = _cached(cache, key, lambda: {"pr": extractor.extract(load_images(path), batch_size=batch_size,
-                                                                      probs=False, spatial=False).pool})
-            arrays["pr"] = pr["pr"][:PR_MAX_REFERENCE]
-        return _from_arrays(path.name, kind, str(path), sha, arrays, by)
+            feats = _cached(cache, key, lambda: {"pr": extractor.extract(load_images(path), batch_size=batch_size,
+                                                                         probs=False, spatial=False).pool})["pr"]
+            arrays["pr"] = feats if pr == "adm" else feats[pr_reference_subset(len(feats))]
+        return _from_arrays(path.name, kind, str(path), sha, arrays, by, pr)
     if "arr_0" in keys:
-        key = _sha_bytes(f"{CACHE_VERSION}|{sha}|{extractor.id}|{want_spatial}".encode())[:20]
-        arrays = _cached(cache, key, lambda: _image_stats(load_images(path), extractor, want_spatial, batch_size))
-        return _from_arrays(path.name, "images", str(path), sha, arrays, extractor.id)
+        return images_reference(path.name, "images", str(path), sha, lambda: load_images(path))
     raise ConfigError(f"{path}: neither statistics (mu, sigma) nor images (arr_0); keys: {', '.join(sorted(keys))}")
 
 
-def _from_arrays(ref_id: str, kind: str, source: str, sha: str, a: dict, stats_by: str) -> Reference:
+def _from_arrays(ref_id: str, kind: str, source: str, sha: str, a: dict, stats_by: str, pr: str) -> Reference:
     count = int(a["count"]) if "count" in a else None
     spatial = Gaussian(a["mu_s"], a["sigma_s"], count) if "mu_s" in a and "sigma_s" in a else None
     return Reference(id=ref_id, kind=kind, source=source, sha256=sha, count=count,
                      pool=Gaussian(np.asarray(a["mu"], np.float64), np.asarray(a["sigma"], np.float64), count),
-                     spatial=spatial, pr_features=a.get("pr"), stats_by=stats_by)
+                     spatial=spatial, pr_features=a.get("pr"), stats_by=stats_by, pr_distances=pr)
