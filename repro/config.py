@@ -215,6 +215,20 @@ STAGES = ("train", "sample", "evaluate", "bench")
 METRICS = ("fid", "is", "sfid", "precision", "recall")
 
 
+# 2: sFID in ADM's NHWC layout, ADM's precision/recall for ADM batches, FID means in float32. An eval file of
+# another version is stale: its evaluate stage is not done, and running it scores the samples again.
+EVALUATOR_VERSION = 2
+
+
+def current_eval(path: Path) -> bool:
+    """Whether the eval file at `path` exists and was written by this evaluator version."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and (record.get("protocol") or {}).get("evaluator_version") == EVALUATOR_VERSION
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """How a study's samples are scored (never part of a run's identity; it names the eval file instead).

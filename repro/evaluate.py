@@ -21,15 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from repro import rundir
-from repro.config import METRICS, BenchConfig, EvalConfig, RunConfig, SampleConfig, protocol_id, sample_stems
+from repro.config import (EVALUATOR_VERSION, METRICS, BenchConfig, EvalConfig, RunConfig, SampleConfig, current_eval,
+                          protocol_id, sample_stems)
 from repro.errors import ConfigError
 from repro.metrics import extractors as ex
 from repro.metrics.fid import IS_SPLIT_SIZE, PR_NEIGHBOURS, fit, frechet_distance, inception_score, precision_recall
 from repro.metrics.reference import Reference, content_hash, load_images, load_reference
 
-# 2: sFID in ADM's NHWC layout, ADM's precision/recall for ADM batches, means in float32. Eval files written by
-# an older version are scored again.
-EVALUATOR_VERSION = 2
 NAMES = {"fid": "FID", "is": "IS", "sfid": "sFID", "precision": "Precision", "recall": "Recall"}
 PAPER_SAMPLES = 50_000
 
@@ -171,10 +169,8 @@ def evaluate_run(run_dir: Path, sample: SampleConfig, cfg: EvalConfig, cache: Pa
         target = rundir.RunPaths(run_dir).eval_file(stem, cfg.tag)
         if not npz.is_file():
             raise ConfigError(f"{npz}: not sampled yet (the sample stage writes it)")
-        if target.is_file():
-            done = json.loads(target.read_text())
-            if done["protocol"].get("samples_sha256") == ex.sha256_file(npz) and \
-                    done["protocol"].get("evaluator_version") == EVALUATOR_VERSION:
+        if current_eval(target):
+            if json.loads(target.read_text())["protocol"].get("samples_sha256") == ex.sha256_file(npz):
                 out.append(target)
                 continue
         if extractor is None:  # one extractor for the run's sample sets, which share one image size

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from repro import rundir
-from repro.config import (EvalConfig, RunConfig, SampleConfig, identity_id, protocol_id, run_identity, sample_stems,
-                          to_dict)
+from repro.config import (EvalConfig, RunConfig, SampleConfig, current_eval, identity_id, protocol_id, run_identity,
+                          sample_stems, to_dict)
 from repro.errors import ConfigError
 from repro.study import LoadedStudy, load_study, step_rows
 
@@ -139,7 +139,7 @@ def stage_states(run: Run, root: Path) -> dict[str, dict]:
             out[stage.name] = {"state": "done" if done == len(stems) else ("partial" if shards or done else "new")}
         elif stage.name.startswith("evaluate:"):
             stems = sample_stems(stage.name.split(":", 1)[1], run.checkpoints)
-            done = sum(paths.eval_file(stem, run.evaluation.tag).exists() for stem in stems) \
+            done = sum(current_eval(paths.eval_file(stem, run.evaluation.tag)) for stem in stems) \
                 if run.evaluation is not None else 0
             out[stage.name] = {"state": "done" if done == len(stems) else ("partial" if done else "new")}
         elif stage.name == "bench":

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from repro.cli import main
+from repro.config import EVALUATOR_VERSION
 from repro.errors import ConfigError
 from repro.plan import expand
 from repro.study import load_study
@@ -244,7 +245,12 @@ def test_status_reads_the_run_folders(tmp_path, capsys):
     # an eval file under the study's evaluation protocol (extractor, mode, reference) makes the stage done
     eval_file = done_paths.eval_file(pid, "inception_tf-VIRTUAL_imagenet256_labeled")
     eval_file.parent.mkdir(parents=True)
-    eval_file.write_text("{}")
+    # written by an older evaluator (sFID flattened channel-first): the stage is to run again
+    eval_file.write_text('{"protocol": {}}')
+    assert main(["status", str(ROADMAP), "--json", "--results", str(tmp_path)]) == 0
+    runs = {r["id"]: r for r in json.loads(capsys.readouterr().out)["runs"]}
+    assert {s["name"]: s["state"] for s in runs[done.id]["stages"]}[f"evaluate:{pid}"] == "new"
+    eval_file.write_text(json.dumps({"protocol": {"evaluator_version": EVALUATOR_VERSION}}))
     assert main(["status", str(ROADMAP), "--json", "--results", str(tmp_path)]) == 0
     runs = {r["id"]: r for r in json.loads(capsys.readouterr().out)["runs"]}
     assert {s["name"]: s["state"] for s in runs[done.id]["stages"]}[f"evaluate:{pid}"] == "done"
