@@ -38,18 +38,6 @@ from repro.metrics.reference import load_images
 from repro.metrics.throughput import environment
 
 
-def cleanfid_model(path: Path, device: torch.device):
-    """clean-fid's InceptionV3W around a TorchScript file's layers (its constructor loads NVIDIA's file by name)."""
-    from cleanfid.inception_torchscript import InceptionV3W
-
-    model = InceptionV3W.__new__(InceptionV3W)
-    torch.nn.Module.__init__(model)
-    model.base = torch.jit.load(str(path), map_location=device).eval()
-    model.layers = model.base.layers if hasattr(model.base, "layers") else model.base.net.layers
-    model.resize_inside = False
-    return model
-
-
 def widened(path: Path, tmp: Path) -> Path:
     """A float32 copy of a file whose weights were rounded to float16 for transport (timing only)."""
     net = torch.jit.load(str(path), map_location="cpu")
@@ -91,7 +79,7 @@ def side_by_side(path: Path, args, device: torch.device) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = images_folder(Path(tmp), args.images)
-        model = cleanfid_model(path, device)
+        model = ex.cleanfid_model(path, device)
         ours = ex.Inception(path, mode="clean", device=device)
 
         def run_a():

@@ -41,17 +41,6 @@ def images() -> np.ndarray:
     return np.repeat(grey[..., None], 3, axis=-1)
 
 
-def _cleanfid_model(path: Path):
-    """clean-fid's own InceptionV3W around these layers (its constructor only loads NVIDIA's file by name)."""
-    from cleanfid.inception_torchscript import InceptionV3W
-
-    model = InceptionV3W.__new__(InceptionV3W)
-    torch.nn.Module.__init__(model)
-    model.base = torch.jit.load(str(path)).eval()
-    model.layers, model.resize_inside = model.base.net.layers, False
-    return model
-
-
 def _folder(folder: Path, images: np.ndarray) -> Path:
     from PIL import Image
 
@@ -65,7 +54,7 @@ def test_pool_features_equal_cleanfids_own_extraction(layers_file, images, tmp_p
     from cleanfid.fid import get_folder_features
 
     folder = _folder(tmp_path / "a", images[:16])
-    theirs = get_folder_features(str(folder), model=_cleanfid_model(layers_file), num_workers=0, batch_size=16,
+    theirs = get_folder_features(str(folder), model=ex.cleanfid_model(layers_file), num_workers=0, batch_size=16,
                                  device=torch.device("cpu"), mode="clean", verbose=False)
     extractor = ex.build("inception", mode="clean", inception=layers_file)
     ours = extractor.extract(images[:16], batch_size=16, probs=False)
@@ -103,7 +92,7 @@ def test_fid_end_to_end_equals_cleanfid(layers_file, images, tmp_path):
     cfg = EvalConfig(reference=str(db), mode="clean", inception=str(layers_file), batch_size=16,
                      metrics=("fid", "is", "precision", "recall"))  # sFID: the test above (sqrtm at 2K is slow)
     record = evaluate_file(da, cfg, tmp_path / "cache")
-    theirs = compute_fid(str(da), str(db), mode="clean", custom_feat_extractor=_cleanfid_model(layers_file),
+    theirs = compute_fid(str(da), str(db), mode="clean", custom_feat_extractor=ex.cleanfid_model(layers_file),
                          device=torch.device("cpu"), num_workers=0, batch_size=16, verbose=False,
                          use_dataparallel=False)
     m = record["metrics"]

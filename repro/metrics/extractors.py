@@ -133,16 +133,6 @@ def strict_fp32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-class _Done:
-    """A finished result with a Future's `result()`."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def result(self):
-        return self.value
-
-
 class Inception(Extractor):
     """The 2015-12-05 Inception in one pass per batch: pool features, spatial features and class probabilities.
 
@@ -253,18 +243,28 @@ class Inception(Extractor):
             self._checked = True
         return out
 
+    def _prepared(self, images: np.ndarray, batch_size: int):
+        """Prepared batches. On a GPU the next one is prepared on the CPU while this one runs; on the CPU the
+        network already uses every core, and a second thread measured no gain."""
+        chunks = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+        if self.device.type != "cuda":
+            yield from map(self.prepare, chunks)
+            return
+        with ThreadPoolExecutor(1) as pool:
+            ahead = None
+            for chunk in chunks:
+                following = pool.submit(self.prepare, chunk)
+                if ahead is not None:
+                    yield ahead.result()
+                ahead = following
+            if ahead is not None:
+                yield ahead.result()
+
     def extract(self, images: np.ndarray, batch_size: int = 64, probs: bool = True, spatial: bool = True) -> Features:
         pools, ps, sps = [], [], []
         gpu = self.device.type == "cuda"
-        # on a GPU the next batch is prepared (resized on the CPU) while this one runs; on the CPU the network
-        # already uses every core, and a second thread measured 4% slower
-        with strict_fp32(), ThreadPoolExecutor(1) as pool:
-            prepare = pool.submit if gpu else lambda fn, x: _Done(fn(x))
-            ahead = prepare(self.prepare, images[:batch_size])
-            for i in range(0, len(images), batch_size):
-                batch = ahead.result()
-                if i + batch_size < len(images):
-                    ahead = prepare(self.prepare, images[i + batch_size:i + 2 * batch_size])
+        with strict_fp32():
+            for batch in self._prepared(images, batch_size):
                 out = self._forward(batch.pin_memory().to(self.device, non_blocking=True) if gpu else batch)
                 pools.append(out["pool"].cpu().numpy())
                 if probs and "probs" in out:
@@ -273,6 +273,19 @@ class Inception(Extractor):
                     sps.append(out["spatial"].cpu().numpy())
         return Features(np.concatenate(pools), np.concatenate(ps) if ps else None,
                         np.concatenate(sps) if spatial else None)
+
+
+def cleanfid_model(path: Path, device: str | torch.device = "cpu") -> nn.Module:
+    """clean-fid's own InceptionV3W (its forward without resize: (x - 128) / 128, the layers) around a file's
+    layers, to check our extraction against clean-fid's (its constructor loads only NVIDIA's file, by name)."""
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    model = InceptionV3W.__new__(InceptionV3W)
+    nn.Module.__init__(model)
+    model.base = torch.jit.load(str(path), map_location=device).eval()
+    model.layers = model.base.layers if hasattr(model.base, "layers") else model.base.net.layers
+    model.resize_inside = False
+    return model
 
 
 # ---------------------------------------------------------------------------------------------- Fashion-MNIST
