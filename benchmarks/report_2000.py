@@ -2,9 +2,9 @@
 its ratio to `repro plan --json` of the same study (start-up, loading and expansion: the floor of any command).
 
 The study is the tiny DiCo ablation with 182 seeds per step (11 x 182 = 2,002 runs); every run folder holds the
-files a finished run leaves (state.json, metrics.jsonl, bench.json, samples/*.json, eval/*.json), written by the
-test suite's FIXTURE writer with made-up numbers. The first report also fills the planner's model-check cache,
-as a researcher's first `repro plan` does; the timed repeats are the reports after it.
+files a finished run leaves (state.json, metrics.jsonl, samples/*.json, eval/*.json; its row of the study's bench
+record), written by the test suite's FIXTURE writer with made-up numbers. The first report also fills the
+planner's model-check cache, as a researcher's first `repro plan` does; the timed repeats are the reports after it.
 
     .venv/bin/python benchmarks/report_2000.py [--repeats 3]
 """

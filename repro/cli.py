@@ -91,7 +91,7 @@ def cmd_bench(args) -> int:
         models.family(n)  # unknown names fail before any model is built
     settings = BenchSettings(batch=args.batch, resolution=args.resolution, device=args.device, dtype=args.dtype,
                              flags=args.flags, attention=args.attention, warmup=args.warmup, iters=args.iters,
-                             repeats=args.repeats)
+                             repeats=args.repeats, channels_last=args.channels_last)
     if settings.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available on this machine")
     built = {}
@@ -105,20 +105,27 @@ def cmd_bench(args) -> int:
     where = env.get("gpu") or f"{env.get('cpu')} ({env.get('cpu_count')} cores, {env.get('threads')} threads)"
     table = Table(title=f"Denoiser throughput: {p['resolution']} px, batch {p['batch']}, {p['dtype']}, "
                         f"{p['device']}")
-    for col in ("model", "img/s (median)", "repeats", "ratio to " + names[0]):
+    for col in ("model", "img/s (median)", "repeats", "ratio to " + names[0], "spread", "others' CPU", "reliable"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in report["results"]:
+        share = "–" if r["others_cpu_share"] is None else f"{r['others_cpu_share']:.0%}"
         table.add_row(r["model"], f"{r['img_per_s']:.3f}", " ".join(f"{v:.3f}" for v in r["img_per_s_repeats"]),
-                      f"{r['ratio_to_first']:.3f}x")
+                      f"{r['ratio_to_first']:.3f}x", f"{r['spread']:.0%}", share, "yes" if r["reliable"] else "NO")
     console = _console()
     console.print(table)
+    for why in report["reasons"]:
+        console.print(f"unreliable: {why}", markup=False, highlight=False)
+    load = report["load"]
+    if load["before"] and load["after"]:
+        console.print(f"load average (1 min) {load['before'][0]:.2f} before, {load['after'][0]:.2f} after",
+                      highlight=False)
     f = p["flags"]
     onoff = {True: "on", False: "off"}
     console.print(f"device: {where}; torch {env['torch']}; flags {f['profile']} "
                   f"(matmul TF32 {onoff[f['matmul_tf32']]}, cuDNN TF32 {onoff[f['cudnn_tf32']]}, "
                   f"cudnn.benchmark {onoff[f['cudnn_benchmark']]}); "
-                  f"attention: {p['attention']}; warm-up {p['warmup']}, {p['iters']} timed forwards x "
-                  f"{p['repeats']} repeats, interleaved")
+                  f"attention: {p['attention']}; {'channels_last; ' if p['channels_last'] else ''}"
+                  f"warm-up {p['warmup']}, {p['iters']} timed forwards x {p['repeats']} repeats, interleaved")
     return 0
 
 
@@ -201,11 +208,40 @@ def cmd_plan(args) -> int:
                       r["id"], stages, r["status"], hours)
     console = _console()
     console.print(table)
-    total = sum(r["gpu_hours"] or 0 for r in data["runs"])
-    if any(r["gpu_hours"] is not None for r in data["runs"]):
-        console.print(f"estimated training cost: {total:,.0f} GPU-hours (declared step time; see the study's cost)")
+    _print_cost(plan, root, data, console)
     console.print(f"run folders: {root / 'runs'}/<run id>")
     return 0
+
+
+def _print_cost(plan, root: Path, data: dict, console) -> None:
+    """The declared cost (the study's cost.step_seconds) beside the pilot's measured projection, and which is used."""
+    from repro.pilot import projection_for_plan
+
+    declared = sum(r["gpu_hours"] or 0 for r in data["runs"])
+    has_declared = any(r["gpu_hours"] is not None for r in data["runs"])
+    measured = projection_for_plan(plan.study, root)
+    if has_declared:
+        console.print(f"declared: {declared:,.0f} GPU-hours of training (the study's cost.step_seconds)",
+                      highlight=False)
+    if measured is not None:
+        t = measured["total"]
+        console.print(f"measured: {t['gpu_hours']:,.1f} {measured.get('unit', 'GPU-hours')} "
+                      f"({t['train_gpu_hours']:,.1f} training, "
+                      f"{t['sample_gpu_hours']:,.1f} sampling, {t['evaluate_gpu_hours']:,.1f} evaluation), "
+                      f"{t['wall_hours']:,.1f} h wall-clock, by `repro pilot` on {measured['device']} "
+                      f"({measured['device_name']}, {measured['measured_at']})", highlight=False)
+        for note in measured["notes"]:
+            console.print(f"  note: {note}", highlight=False)
+    if measured is not None and measured["comparable"] and measured["complete"]:
+        console.print("using: measured (the pilot ran every model at the study's batch on its kind of device)",
+                      highlight=False)
+    elif has_declared:
+        why = "no pilot yet (`repro pilot`)" if measured is None else "the pilot is not comparable (see its notes)"
+        console.print(f"using: declared; {why}", highlight=False)
+    elif measured is not None:
+        console.print("using: measured, with the notes above (the study declares no cost)", highlight=False)
+    else:
+        console.print("cost: none declared and no pilot yet (`repro pilot` measures it)", highlight=False)
 
 
 def cmd_status(args) -> int:
@@ -327,6 +363,90 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- pilot
+def _bytes(n) -> str:
+    if not n:
+        return "–"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"
+
+
+def cmd_pilot(args) -> int:
+    from repro import pilot
+
+    plan, root = _load_plan(args)
+    device = args.device or ("cuda" if _cuda() else "cpu")
+    only = tuple(s.strip() for s in (args.only or "").split(",") if s.strip())
+    options = pilot.PilotOptions(steps=args.steps, device=device, batch=args.batch, only=only,
+                                 sample_budget_s=args.sample_budget)
+    console = _console()
+    record = pilot.run(plan.study, root, options,
+                       log=(lambda m: None) if args.json else (lambda m: console.print(m, highlight=False)))
+    if args.json:
+        _print_json(record)
+    else:
+        _pilot_tables(record, console)
+        console.print(f"written: {pilot.record_path(root, plan.study.study.study, device)} "
+                      f"({record['seconds']:.0f} s)", highlight=False)
+    return 1 if any(m["failed"] for m in record["models"]) else 0
+
+
+def _pilot_tables(record: dict, console) -> None:
+    table = Table(title=f"pilot of {record['study']} on {record['device']} ({record['device_name']})")
+    for col in ("step", "model", "reached", "batch", "steps/s", "peak mem", "ckpt", "ckpt write", "sample img/s",
+                "extract img/s", "bench img/s", "data"):
+        table.add_column(col, justify="left" if col in ("step", "model", "reached", "data") else "right")
+    for m in record["models"]:
+        t, ex, b = m.get("train", {}), m.get("extract", {}), m.get("bench", {})
+        samples = m.get("sample", [])
+        rate = ", ".join(f"{s['img_per_s']:.3g}{'*' if s['scaled'] else ''}" for s in samples) or "–"
+        table.add_row(m["step"], m["model"], m["reached"] or "nothing",
+                      str(m["batch"]) + ("" if m["batch"] == m["study_batch"] else f" (study {m['study_batch']})"),
+                      _fmt(t.get("steps_per_s")), _bytes(t.get("peak_mem_bytes")), _bytes(t.get("checkpoint_bytes")),
+                      f"{t['checkpoint_write_s']:.2f} s" if t else "–", rate, _fmt(ex.get("img_per_s")),
+                      _fmt(b.get("img_per_s")), (m.get("data") or {}).get("source", "–")[:40])
+    console.print(table)
+    for m in record["models"]:
+        if m["failed"]:
+            console.print(f"[red]failed[/red]: {m['failed']}", highlight=False)
+        stand = [v for v in ((m.get("data") or {}).get("vae"), (m.get("extract") or {}).get("weights"))
+                 if v and v.startswith("stand-in")]
+        for s in dict.fromkeys(stand):
+            console.print(f"{m['step']}: {s}", highlight=False)
+    if any(s["scaled"] for m in record["models"] for s in m.get("sample", [])):
+        console.print("* sampling: two respaced steps timed and scaled to the study's steps (the full run "
+                      "would exceed the pilot's sampling budget)", highlight=False)
+    p = record["projection"]
+    unit = "GPU-h" if p["unit"] == "GPU-hours" else "job-h"
+    where = f"{p['gpus']} GPUs per training job" if unit == "GPU-h" else "one CPU job per stage"
+    proj = Table(title=f"projected cost of {record['study']} at its resources ({where})")
+    for col in ("step", "seed", f"train {unit}", f"sample {unit}", f"evaluate {unit}", unit, "wall h"):
+        proj.add_column(col, justify="left" if col == "step" else "right")
+    for r in p["runs"]:
+        if not r["measured"]:
+            proj.add_row(r["step"], str(r["seed"]), "not measured", "", "", "", "")
+            continue
+        proj.add_row(r["step"], str(r["seed"]), *(f"{r[k]:,.1f}" for k in (
+            "train_gpu_hours", "sample_gpu_hours", "evaluate_gpu_hours", "gpu_hours", "wall_hours")))
+    t = p["total"]
+    proj.add_row("total", "", *(f"{t[k]:,.1f}" for k in ("train_gpu_hours", "sample_gpu_hours",
+                                                           "evaluate_gpu_hours", "gpu_hours", "wall_hours")))
+    console.print(proj)
+    for note in p["notes"]:
+        console.print(f"note: {note}", highlight=False)
+    if not p["comparable"]:
+        console.print("this projection is not the study's cost on its own hardware (see the notes)", highlight=False)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 # ---------------------------------------------------------------------------------------------- report
 def cmd_report(args) -> int:
     from repro.report import FORMATS, write
@@ -429,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=20, help="untimed forwards per model")
     p.add_argument("--iters", type=int, default=20, help="timed forwards per model and repeat")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the median is reported")
+    p.add_argument("--channels-last", action="store_true",
+                   help="model and inputs in torch.channels_last memory format (NHWC)")
     p.add_argument("--json", action="store_true", help="print the JSON report")
     p.add_argument("--out", help="also write the JSON report to this file (atomically)")
     p.set_defaults(func=cmd_bench)
@@ -465,6 +587,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training seeds per step (default 1, the half-hour budget; N takes about N times as long "
                         "and the reports give mean and std)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("pilot", help="every stage of a study for minutes on this machine: rates, memory, cost")
+    _study_arguments(p)
+    p.add_argument("--steps", type=int, default=20, help="training steps per model (stopped and resumed half-way)")
+    p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when there is one")
+    p.add_argument("--batch", type=int, help="per-process batch (default: the study's per-GPU batch)")
+    p.add_argument("--only", help="comma-separated steps of the study (default: every distinct model)")
+    p.add_argument("--sample-budget", type=float, default=30.0, dest="sample_budget",
+                   help="seconds a full sampling run may take; longer ones are timed on one step and scaled")
+    p.add_argument("--json", action="store_true", help="print the JSON record")
+    p.set_defaults(func=cmd_pilot)
 
     p = sub.add_parser("report", help="the paper's table regenerated with our numbers, protocols, figures, cost")
     _study_arguments(p)

@@ -59,7 +59,17 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimiser and loop. Defaults: DiT/DiC/DiCo S-XL (AdamW 1e-4, wd 0, batch 256, EMA 0.9999, fp32)."""
+    """Optimiser, loop, precision and speed. Defaults: DiT/DiC/DiCo S-XL (AdamW 1e-4, wd 0, batch 256, EMA 0.9999,
+    fp32).
+
+    TF32 unset (None) means what the model family's released training code sets (`repro.precision.OFFICIAL_TF32`:
+    DiT and DiC both on, DiCo cuDNN only). Studies and run files resolve it when they are read (`resolve_tf32`),
+    so a run's identity and config.yaml hold the flags it trains under, and a baseline shared by two papers'
+    studies stays one run. The speed switches leave the recipe as it is:
+    `channels_last` runs the model NHWC (the layout cuDNN's tensor-core convs want; other conv kernels, so
+    float32 rounding differs, even on the CPU), `compile` runs the model through torch.compile, `fused_adamw`
+    uses AdamW's fused kernel. Each can change float rounding, so each is part of a run's identity.
+    """
 
     steps: int = 400_000
     global_batch: int = 256
@@ -70,8 +80,11 @@ class TrainConfig:
     ema_decay: float = 0.9999
     grad_clip: float | None = None
     amp: Literal["off", "bf16", "fp16"] = "off"
-    tf32_matmul: bool = False
-    tf32_cudnn: bool = False
+    tf32_matmul: bool | None = None
+    tf32_cudnn: bool | None = None
+    channels_last: bool = False
+    compile: bool = False
+    fused_adamw: bool = False
     seed: int = 0
     ckpt_every: int = 50_000
     keep_last: int = 2
@@ -92,6 +105,9 @@ class SampleConfig:
     seed: int = 0
     per_proc_batch: int = 32
     use_ema: bool = True
+    # sample_ddp.py of DiT, DiC and DiCo: `--tf32` on by default (matmul); cuDNN at PyTorch's default (on)
+    tf32_matmul: bool = True
+    tf32_cudnn: bool = True
 
     def __post_init__(self):
         if self.cfg_scale < 1:
@@ -122,6 +138,27 @@ class RunConfig:
         if self.data.kind == "fashion_mnist" and self.data.resolution not in FASHION_MNIST_RESOLUTIONS:
             raise ConfigError(f"Fashion-MNIST comes at {' or '.join(map(str, FASHION_MNIST_RESOLUTIONS))}, "
                               f"got {self.data.resolution}", key="data.resolution")
+
+
+def resolve_tf32(cfg: RunConfig, family: str | None = None) -> RunConfig:
+    """`cfg` with its unset TF32 flags taken from its model family's released training code. `family` comes from
+    the model check when planning (no torch import); without it the registry is asked."""
+    from repro.precision import OFFICIAL_TF32
+
+    t = cfg.train
+    if t.tf32_matmul is not None and t.tf32_cudnn is not None:
+        return cfg
+    if family is None:
+        from repro import models  # the registry maps a preset to its family
+
+        try:
+            family = models.family(cfg.model.name).name
+        except ValueError:  # an unknown model is reported by the model check, with the file and line
+            return cfg
+    official = OFFICIAL_TF32[family]
+    return dataclasses.replace(cfg, train=dataclasses.replace(
+        t, tf32_matmul=official["matmul"] if t.tf32_matmul is None else t.tf32_matmul,
+        tf32_cudnn=official["cudnn"] if t.tf32_cudnn is None else t.tf32_cudnn))
 
 
 # ----------------------------------------------------------------------------------------------- I/O
@@ -168,7 +205,7 @@ def sample_stems(pid: str, checkpoints: tuple[int, ...] = ()) -> list[str]:
 def load_run_config(path: str | Path) -> RunConfig:
     """Read a run config file strictly; ConfigError names file:line: dotted.key on any mistake."""
     data, lines = read_yaml(path)
-    return from_dict(RunConfig, data, Where(str(path), lines))
+    return resolve_tf32(from_dict(RunConfig, data, Where(str(path), lines)))
 
 
 # ----------------------------------------------------------------------------------------------- runs
@@ -282,7 +319,12 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """The bench stage: parameters, GMACs and denoiser throughput under `specs/protocol.md` section 8."""
+    """The bench stage: parameters, GMACs and denoiser throughput under `specs/protocol.md` section 8.
+
+    A study's bench is one job that times all its runs interleaved. On this machine (clusters local and debug) it
+    first waits until no other stage of the results folder runs here, at most `alone_wait_s`; after that it
+    measures anyway and marks the figures unreliable. On SLURM it takes a node to itself (--exclusive).
+    """
 
     batch: int = 64
     dtype: Literal["fp32", "bf16"] = "fp32"
@@ -291,7 +333,11 @@ class BenchConfig:
     warmup: int = 20
     iters: int = 20
     repeats: int = 3
+    channels_last: bool = False
+    alone_wait_s: float = 4 * 3600
 
     def __post_init__(self):
         if min(self.batch, self.iters, self.repeats) < 1 or self.warmup < 0:
             raise ConfigError("batch, iters and repeats must be >= 1, warmup >= 0", key="batch")
+        if self.alone_wait_s < 0:
+            raise ConfigError(f"must be >= 0 seconds, got {self.alone_wait_s}", key="alone_wait_s")

@@ -156,8 +156,22 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 # Fashion-MNIST
 # ---------------------------------------------------------------------------------------------------------------------
 
+_IDX_READ: dict[tuple, np.ndarray] = {}  # decompressed once per process (a pilot builds the dataset per run)
+
+
 def _read_idx(path: Path, magic: int, shape: tuple[int, ...]) -> np.ndarray:
-    """One original big-endian IDX .gz file as uint8 of `shape`, header and length checked."""
+    """One original big-endian IDX .gz file as read-only uint8 of `shape`, header and length checked."""
+    try:
+        st = Path(path).stat()
+    except OSError as e:
+        raise ValueError(f"{path} is not a readable gzip file ({e})") from e
+    key = (str(path), st.st_mtime_ns, st.st_size, magic, shape)
+    if key not in _IDX_READ:
+        _IDX_READ[key] = _decode_idx(path, magic, shape)
+    return _IDX_READ[key]
+
+
+def _decode_idx(path: Path, magic: int, shape: tuple[int, ...]) -> np.ndarray:
     try:
         with gzip.open(path, "rb") as f:
             raw = f.read()

@@ -4,6 +4,8 @@ reported, with a progress display. Running it again finds every stage done and o
 
 The two studies run side by side, one background chain each, on one CPU thread each: on a 2-core machine two
 threads per job under contention run several times slower than one (measured: 0.36 against about 4 steps/s).
+Each chain ends with its study's bench, which waits until the other chain's stages have ended and never runs beside
+the other bench (repro.launch.StudyBench), so throughput is timed alone.
 
 One training seed per step fits the half-hour budget on 2 cores; `repro demo --seeds N` trains N seeds per step
 (about N times as long) and the reports give each step's mean and standard deviation.

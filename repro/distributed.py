@@ -13,6 +13,9 @@ import torch
 import torch.distributed as dist
 
 
+DEVICE_ENV = "REPRO_DEVICE"  # "cpu": run on the CPU even where a GPU is visible (`repro pilot --device cpu`)
+
+
 @dataclass(frozen=True)
 class DistEnv:
     rank: int
@@ -48,7 +51,7 @@ def init() -> DistEnv:
     os.environ.update(env_from_slurm(dict(os.environ)))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and os.environ.get(DEVICE_ENV) != "cpu":
         # one visible device (SLURM binding, CUDA_VISIBLE_DEVICES per task) is index 0 for every local rank
         index = local_rank if torch.cuda.device_count() > 1 else 0
         device = torch.device("cuda", index)

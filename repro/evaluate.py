@@ -7,6 +7,10 @@ unavailable and why, the protocol (sampler and steps, cfg scale and guided chann
 mode, seed, checkpoint, reference statistics and their hash, extractor and its weights' hash, clean-fid mode,
 code commit) and how it departs from the papers' (ADM evaluator, FID-50K, DDPM-250), so that a report never puts
 it in a paper column unmarked.
+
+The bench stage of a study is one job: `bench_study` times every run's denoiser interleaved and writes
+<results>/bench/<study>.json, with params and GMACs, the ratio to the study's DiT baseline and whether each
+figure was measured without contention.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ import dataclasses
 import json
 import subprocess
 import time
+import uuid
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,6 +33,9 @@ from repro.errors import ConfigError
 from repro.metrics import extractors as ex
 from repro.metrics.fid import IS_SPLIT_SIZE, PR_NEIGHBOURS, fit, frechet_distance, inception_score, precision_recall
 from repro.metrics.reference import Reference, content_hash, load_images, load_reference
+
+if TYPE_CHECKING:
+    from repro.plan import Run
 
 NAMES = {"fid": "FID", "is": "IS", "sfid": "sFID", "precision": "Precision", "recall": "Recall"}
 PAPER_SAMPLES = 50_000
@@ -193,9 +202,22 @@ def data_geometry(cfg: RunConfig) -> tuple[tuple[int, int, int], int]:
     return (3, d.resolution, d.resolution), 1000
 
 
-def bench_run(run_dir: Path, cfg: RunConfig, bench: BenchConfig) -> Path:
-    """bench.json: params, GMACs (the papers' "GFLOPs"), Winograd GMACs and denoiser img/s of the run's model,
-    with the device, dtype, batch, flags and attention kernel they were measured under."""
+def bench_baseline(runs: list[Run]) -> Run:
+    """The run every ratio is to: the study's first DiT run, else its first run."""
+    return next((r for r in runs if r.config.model.name.startswith("DiT") or r.label.startswith("DiT")), runs[0])
+
+
+def bench_study(root: Path, study: str, runs: list[Run], bench: BenchConfig, alone: dict | None = None,
+                job_id: str | None = None, log=print) -> Path:
+    """<results>/bench/<study>.json: params, GMACs (the papers' "GFLOPs"), Winograd GMACs and denoiser img/s of
+    every run of the study, all timed interleaved in this one process (`measure()`), so that ratios only ever
+    compare figures of one measurement (one id). Runs with the same architecture (seeds) are timed once.
+
+    Per run: the figures, the ratio to the baseline (`bench_baseline`), the spread of the repeats, the other
+    processes' CPU share during them, and whether the row is reliable and why not; besides: the protocol (settings,
+    TF32 flags, environment), the load before and after, and `alone` (whether this job waited for the machine to
+    be free of the results folder's other stages, how long, and what still ran: then every row is unreliable).
+    """
     import torch
 
     from repro import models
@@ -203,22 +225,54 @@ def bench_run(run_dir: Path, cfg: RunConfig, bench: BenchConfig) -> Path:
     from repro.metrics.throughput import DTYPES, BenchSettings, measure
     from repro.train import model_spec
 
-    shape, classes = data_geometry(cfg)
-    spec = model_spec(cfg, shape, classes)
-    counts = count(models.build_meta(spec["name"], **spec["kwargs"]))
+    if not runs:
+        raise ConfigError(f"study {study}: no run has a bench stage")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    settings = BenchSettings(batch=bench.batch, resolution=cfg.data.resolution, device=device, dtype=bench.dtype,
+    specs, timed, first, built = {}, {}, {}, {}
+    for r in runs:
+        shape, classes = data_geometry(r.config)
+        specs[r.id] = model_spec(r.config, shape, classes)
+        key = json.dumps(specs[r.id], sort_keys=True, default=str)
+        timed[r.id] = first.setdefault(key, r.id)  # the run whose model is timed for this one
+    resolutions = {r.config.data.resolution for r in runs}
+    settings = BenchSettings(batch=bench.batch, resolution=max(resolutions), device=device, dtype=bench.dtype,
                              flags=bench.flags, attention=bench.attention, warmup=bench.warmup, iters=bench.iters,
-                             repeats=bench.repeats)
-    torch.manual_seed(0)
-    model = models.build(spec["name"], **spec["kwargs"]).to(device, DTYPES[bench.dtype])
-    timed = measure({spec["name"]: model}, settings)
-    record = {"model": spec["name"], "model_kwargs": spec["kwargs"], "params": counts.params,
-              "gmacs": counts.gmacs, "winograd_gmacs": counts.winograd_gmacs, "counting_tool": COUNTING_TOOL,
-              "img_per_s": timed["results"][0]["img_per_s"],
-              "img_per_s_repeats": timed["results"][0]["img_per_s_repeats"],
-              "throughput_protocol": timed["protocol"], **code_commit(),
+                             repeats=bench.repeats, channels_last=bench.channels_last)
+    for r in runs:
+        if timed[r.id] == r.id:
+            torch.manual_seed(0)
+            spec = specs[r.id]
+            built[r.id] = models.build(spec["name"], **spec["kwargs"]).to(device, DTYPES[bench.dtype])
+    log(f"bench {study}: timing {len(built)} models interleaved on {device}")
+    result = measure(built, settings)
+    by_id = {row["model"]: row for row in result["results"]}
+    label = {r.id: r.label for r in runs}
+    reasons = [f"{label[rid]}: {why}" for rid, row in by_id.items() for why in row["reasons"]]
+    shared_reasons = []
+    if alone is not None and alone.get("checked") and not alone.get("alone"):
+        shared_reasons.append(f"not alone: after waiting {alone['waited_s']:.0f} s, other stages still ran on this "
+                              f"host ({', '.join(alone['busy'])})")
+    base = bench_baseline(runs)
+    out_runs, counted = {}, {}
+    for r in runs:
+        row = by_id[timed[r.id]]
+        spec = specs[r.id]
+        if timed[r.id] not in counted:
+            counted[timed[r.id]] = count(models.build_meta(spec["name"], **spec["kwargs"]))
+        counts = counted[timed[r.id]]
+        why = [*row["reasons"], *shared_reasons]
+        out_runs[r.id] = {
+            "step": r.step, "label": r.label, "model": spec["name"], "model_kwargs": spec["kwargs"],
+            "params": counts.params, "gmacs": counts.gmacs, "winograd_gmacs": counts.winograd_gmacs,
+            "img_per_s": row["img_per_s"], "img_per_s_repeats": row["img_per_s_repeats"],
+            "repeats": len(row["img_per_s_repeats"]), "input": row["input"], "spread": row["spread"],
+            "others_cpu_share": row["others_cpu_share"], "others_cpu_share_repeats": row["others_cpu_share_repeats"],
+            "ratio_to_baseline": row["img_per_s"] / by_id[timed[base.id]]["img_per_s"],
+            "reliable": not why, "reasons": why, "timed_as": timed[r.id]}
+    record = {"study": study, "measurement_id": uuid.uuid4().hex, "job_id": job_id, "baseline": base.id,
+              "reliable": not reasons and not shared_reasons, "reasons": [*shared_reasons, *reasons],
+              "runs": out_runs, "protocol": {**result["protocol"], "counting_tool": COUNTING_TOOL,
+                                             "resolutions": sorted(resolutions)},
+              "load": result["load"], "alone": alone, **code_commit(),
               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    path = rundir.RunPaths(run_dir).bench
-    rundir.atomic_write_text(path, json.dumps(record, indent=2) + "\n")
-    return path
+    return rundir.atomic_write_text(rundir.bench_record(root, study), json.dumps(record, indent=2) + "\n")

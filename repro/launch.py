@@ -3,17 +3,23 @@
     repro submit STUDY.yaml --cluster slurm --profile slurm/profiles/NAME.yaml
 
 One SLURM job per stage of a run; the train stages of runs that ask for the same resources go in one job array;
-later stages wait on their parent with `afterok`. Submitting is idempotent: a stage that is done (its files are
-in the run folder), queued or running is never submitted again, and every run is locked while its stages are
-decided, so two concurrent submits queue each stage once. `results/runs/<id>/state.json` records, per stage, the
+later stages wait on their parent with `afterok`. The bench stages of a study are one job (`StudyBench`): every
+run of the study timed interleaved in one process, so that throughput ratios come from one measurement; when any
+run's bench is due, all are timed again. It measures alone: on SLURM on a node of its own (--exclusive), on this
+machine once no other stage of the results folder runs here (at most `bench.alone_wait_s`; past it the figures
+are marked unreliable) and never beside another bench (<results>/bench/.lock).
+
+Submitting is idempotent: a stage that is done (its files are in the run folder, or for a bench the study's
+record), queued or running is never submitted again, and every run is locked while its stages are decided, so
+two concurrent submits queue each stage once. `results/runs/<id>/state.json` records, per stage, the
 cluster, job id, attempts and every state change; the job itself writes `running`, `done` or `failed`.
 
 Preemption and time limits follow submitit's checkpoint protocol: SLURM sends SIGUSR2 `signal_delay_s` before
 the end; the train stage finishes its step, writes a checkpoint (every rank stops at the same step), and submitit
 requeues the job, which resumes from that checkpoint bit for bit. Sampling resumes from its shards.
 
-`--cluster local` runs the same stage jobs in one background submitit process per submit, in dependency order;
-`--cluster debug` runs them in this process (tests).
+`--cluster local` runs the same stage jobs in one background submitit process per submit, in dependency order
+(the study's bench last); `--cluster debug` runs them in this process (tests).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import re
 import shutil
 import signal
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,7 +127,8 @@ class _Resubmittable:
 
 @dataclass
 class StageJob(_Resubmittable):
-    """One stage of one run, as submitit pickles it: runs on the compute node, records its own state."""
+    """One stage of one run (train, sample, evaluate), as submitit pickles it: runs on the compute node, records its
+    own state with its host and pid (a local bench waits while such a stage runs). Bench stages are `StudyBench`."""
 
     root: str
     run_id: str
@@ -128,7 +136,6 @@ class StageJob(_Resubmittable):
     config: RunConfig
     sample: SampleConfig | None = None
     evaluation: EvalConfig | None = None
-    bench: BenchConfig | None = None
 
     def __call__(self) -> str:
         root = Path(self.root)
@@ -136,7 +143,7 @@ class StageJob(_Resubmittable):
         if rank == 0:
             entry = read_state(root, self.run_id)["stages"].get(self.stage, {})
             record(root, self.run_id, self.stage, "running", job_id=job_id or entry.get("job_id"),
-                   attempts=entry.get("attempts", 0) + 1, host=os.uname().nodename)
+                   attempts=entry.get("attempts", 0) + 1, **_process())
         if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "WORLD_SIZE" not in os.environ:
             import submitit
 
@@ -195,10 +202,6 @@ class StageJob(_Resubmittable):
             assert self.sample is not None and self.evaluation is not None
             paths = evaluate_run(run_dir, self.sample, self.evaluation, Path(self.root) / ".cache")
             return ", ".join(str(p) for p in paths)
-        if self.stage == "bench":
-            from repro.evaluate import bench_run
-
-            return str(bench_run(run_dir, self.config, self.bench or BenchConfig()))
         raise ValueError(f"stage {self.stage} has no runner")
 
 class _Requeue(SystemExit):
@@ -209,15 +212,150 @@ class _Requeue(SystemExit):
 
 
 @dataclass
-class Chain(_Resubmittable):
-    """Stage jobs run one after another in one process (`--cluster local`); a failed stage stops its run's chain."""
+class StudyBench(_Resubmittable):
+    """A study's bench stages as one job: every run with a bench stage timed interleaved in this process
+    (`repro.evaluate.bench_study`), so ratios never compare figures of two jobs. It records its state in each
+    member run's state.json, stage `bench`, under one job id.
 
-    jobs: list[StageJob]
+    Alone: on this machine (clusters local and debug) it first takes <results>/bench/.lock, so two studies never
+    bench at once, then waits until no other stage of the results folder runs on this host; on SLURM the job has
+    its node to itself (--exclusive).
+    """
+
+    root: str
+    study: str
+    cluster: str
+    runs: list[Run]
+    bench: BenchConfig
+
+    def __call__(self) -> str:
+        root = Path(self.root)
+        job_id, _ = _job_identity()
+        for r in self.runs:
+            entry = read_state(root, r.id)["stages"].get("bench", {})
+            job_id = job_id or entry.get("job_id")  # the debug executor's id, as submit recorded it
+            record(root, r.id, "bench", "running", job_id=job_id, attempts=entry.get("attempts", 0) + 1,
+                   study=self.study, **_process())
+        threads = os.environ.get("SLURM_CPUS_PER_TASK")
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))
+        try:
+            path = self._run(root, job_id)
+        except SystemExit:  # requeued through submitit: not a failure
+            raise
+        except KeyboardInterrupt:
+            for r in self.runs:
+                record(root, r.id, "bench", "cancelled")
+            raise
+        except BaseException as e:
+            for r in self.runs:
+                record(root, r.id, "bench", "failed", error=f"{type(e).__name__}: {e}"[:500])
+            raise
+        for r in self.runs:
+            record(root, r.id, "bench", "done")
+        return str(path)
+
+    def _run(self, root: Path, job_id: str | None) -> Path:
+        from repro.evaluate import bench_study
+
+        if self.cluster == "slurm":  # the node is the job's own (--exclusive): nothing to wait for
+            alone = {"checked": False, "why": "SLURM job with --exclusive: a node of its own"}
+            return bench_study(root, self.study, self.runs, self.bench, alone, job_id)
+        with rundir.file_lock(root / "bench" / ".lock"):
+            alone = wait_alone(root, self.bench.alone_wait_s)
+            return bench_study(root, self.study, self.runs, self.bench, alone, job_id)
+
+
+ALONE_POLL_S = 5.0
+
+
+def _process() -> dict:
+    """Where a job runs, for state.json: host, pid and the pid's start time (a reused pid is another process)."""
+    return {"host": os.uname().nodename, "pid": os.getpid(), "pid_start": _pid_start(os.getpid())}
+
+
+def _pid_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22); None if it is gone or a
+    zombie, or where /proc is missing."""
+    try:
+        text = Path(f"/proc/{int(pid)}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # the name in parentheses may hold spaces
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def _entry_alive(entry: dict) -> bool:
+    """Whether the process that recorded a `running` state.json entry on this host still runs."""
+    pid = entry.get("pid")
+    if pid:
+        if int(pid) == os.getpid():
+            return False
+        start = _pid_start(int(pid))
+        return start is not None and entry.get("pid_start") in (None, start)
+    # entries written before pids were recorded: a local job is alive while its controller is, unless that
+    # controller is ours (a stage of our own chain, which has ended since the chain runs one stage at a time)
+    job_id = entry.get("job_id")
+    if entry.get("cluster") == "local" and job_id and str(job_id) != str(os.getppid()):
+        return _local_alive(str(job_id))
+    return False
+
+
+def running_here(root: Path) -> list[str]:
+    """The stages of this results folder, other than benches, that run on this host now (`run stage (pid N)`) or
+    wait in a live local chain (`run stage (queued in local job N)`): between two stages of another chain the
+    machine is idle for an instant, not free."""
+    host, out = os.uname().nodename, []
+    mine = str(os.getppid())  # our own chain's controller, when the bench runs in a local chain
+    for path in sorted((root / "runs").glob("*/state.json")):
+        try:
+            stages = json.loads(path.read_text()).get("stages", {})
+        except (OSError, ValueError):
+            continue
+        for name, e in stages.items():
+            if name == "bench":
+                continue
+            if e.get("state") == "running" and e.get("host") == host and _entry_alive(e):
+                out.append(f"{path.parent.name} {name} (pid {e.get('pid') or e.get('job_id')})")
+            elif (e.get("state") == "submitted" and e.get("cluster") == "local" and e.get("job_id")
+                  and str(e["job_id"]) != mine and _local_alive(str(e["job_id"]))):
+                out.append(f"{path.parent.name} {name} (queued in local job {e['job_id']})")
+    return out
+
+
+def wait_alone(root: Path, limit_s: float, poll_s: float = ALONE_POLL_S) -> dict:
+    """Wait until no other stage of the results folder runs on this host, at most `limit_s`; returns whether it is
+    alone, how long it waited and what still ran (then the measurement is recorded as not alone)."""
+    started = time.monotonic()
+    busy = running_here(root)
+    while busy and time.monotonic() - started < limit_s:
+        time.sleep(max(0.0, min(poll_s, limit_s - (time.monotonic() - started))))
+        busy = running_here(root)
+    return {"checked": True, "alone": not busy, "waited_s": round(time.monotonic() - started, 1),
+            "limit_s": limit_s, "busy": busy}
+
+
+@dataclass
+class Chain(_Resubmittable):
+    """Stage jobs run one after another in one process (`--cluster local`); a failed stage stops its run's chain.
+    The study's bench, when there, comes last: it needs no other stage, but it must time alone."""
+
+    jobs: list[StageJob | StudyBench]
 
     def __call__(self) -> dict:
         failed: set[str] = set()
         out = {}
         for job in self.jobs:
+            if isinstance(job, StudyBench):
+                try:
+                    out[f"{job.study}/bench"] = job()
+                except Exception:
+                    failed.add(f"the bench of {job.study}")
+                continue
             if job.run_id in failed:  # not a failure of its own: the next submit takes it up again
                 record(Path(job.root), job.run_id, job.stage, "skipped", error="an earlier stage of the run failed")
                 continue
@@ -359,6 +497,8 @@ def decide(plan: Plan, root: Path, cluster: str, retry_failed: bool = False,
         mine: dict[str, Decision] = {}
         for stage in run.stages:
             entry = states[run.id]["stages"].get(stage.name, {})
+            if stage.name == "bench" and entry.get("study") not in (None, run.study):
+                entry = {}  # a shared run last timed by another study's bench: that job is not this study's
             jid = entry.get("job_id")
             if disk[stage.name]["state"] == "done":
                 d = Decision(run, stage, "done", job_id=jid)
@@ -374,6 +514,27 @@ def decide(plan: Plan, root: Path, cluster: str, retry_failed: bool = False,
                 d = Decision(run, stage, "blocked", "waits on a stage that cannot run")
             mine[stage.name] = d
             out.append(d)
+    return _one_bench(out)
+
+
+def _one_bench(decisions: list[Decision]) -> list[Decision]:
+    """The bench stages of a study are one job: when one is due, every bench is timed again with it; while the
+    study's bench job is queued or running, or after it failed (without --retry-failed), the due ones wait."""
+    bench = [d for d in decisions if d.stage.name == "bench"]
+    if not any(d.action == "submit" for d in bench):
+        return decisions
+    active = next((d for d in bench if d.action == "active"), None)
+    failed = next((d for d in bench if d.action == "failed"), None)
+    out = []
+    for d in decisions:
+        if d.stage.name == "bench" and active is not None and d.action == "submit":
+            d = Decision(d.run, d.stage, "blocked", f"the study's bench job {active.job_id} is {active.detail}; its "
+                         f"runs are timed together, so submit again when it ends")
+        elif d.stage.name == "bench" and active is None and failed is not None and d.action == "submit":
+            d = Decision(d.run, d.stage, "blocked", f"the study's bench job failed: {failed.detail}")
+        elif d.stage.name == "bench" and active is None and failed is None and d.action == "done":
+            d = Decision(d.run, d.stage, "submit", "timed again beside the study's other runs", job_id=d.job_id)
+        out.append(d)
     return out
 
 
@@ -392,7 +553,11 @@ def submit(plan: Plan, root: Path, cluster: str, profile: Profile | None = None,
     if cluster == "slurm" and not dry_run and shutil.which("sbatch") is None:
         raise ConfigError("--cluster slurm: sbatch not found on PATH (submit from a login node of the cluster, "
                           "or use --cluster local)")
-    run_ids = sorted({r.id for r in select(plan, only)})
+    selected = select(plan, only)
+    run_ids = {r.id for r in selected}
+    if any(s.name == "bench" for r in selected for s in r.stages):
+        run_ids |= {r.id for r in _bench_runs(plan)}  # the study's bench job records its state in all of them
+    run_ids = sorted(run_ids)
     with contextlib.ExitStack() as locks:
         if not dry_run:
             for rid in run_ids:  # sorted: two submits never wait on each other's locks in a cycle
@@ -411,13 +576,48 @@ def submit(plan: Plan, root: Path, cluster: str, profile: Profile | None = None,
     return Submission(decisions, jobs)
 
 
+def _bench_runs(plan: Plan) -> list[Run]:
+    return [r for r in plan.runs if any(s.name == "bench" for s in r.stages)]
+
+
+def _study_bench(plan: Plan, root: Path, cluster: str) -> StudyBench:
+    """The study's bench job: every run with a bench stage, whichever runs --only selected."""
+    study = plan.study.study
+    return StudyBench(str(root), study.study, cluster, _bench_runs(plan), study.bench)
+
+
+def _split(todo: list[Decision]) -> tuple[list[Decision], list[Decision]]:
+    """(stage decisions, bench decisions): the bench ones become one job."""
+    return [d for d in todo if d.stage.name != "bench"], [d for d in todo if d.stage.name == "bench"]
+
+
+def _bench_requests(bench: list[Decision], plan: Plan, profile: Profile) -> dict:
+    params = _requests(bench[0].stage, bench[0].run, plan, profile)
+    params["slurm_exclusive"] = True  # the node to itself: nothing else runs beside the timing
+    return params
+
+
+def _recorded_bench(root: Path, job: StudyBench, job_id: str | None, cluster: str, sbatch: str | None = None) -> dict:
+    """Record the study's bench job as submitted in every member run; one entry of Submission.jobs."""
+    for r in job.runs:
+        if job_id is not None:
+            entry = read_state(root, r.id)["stages"].get("bench", {})
+            record(root, r.id, "bench", "submitted", job_id=job_id, cluster=cluster, study=job.study,
+                   attempts=entry.get("attempts", 0), error=None)
+    out = {"run": ",".join(r.id for r in job.runs), "step": f"all {len(job.runs)} runs", "stage": "bench",
+           "job_id": job_id, "runs": [r.id for r in job.runs]}
+    if sbatch is not None:
+        out["sbatch"] = sbatch
+    return out
+
+
 def _job(d: Decision, plan: Plan, root: Path) -> StageJob:
     sample = None
     if d.stage.name.startswith(("sample:", "evaluate:")):
         pid = d.stage.name.split(":", 1)[1]
         sample = next(s for s in plan.study.samples if protocol_id(s) == pid)
     study = plan.study.study
-    return StageJob(str(root), d.run.id, d.stage.name, d.run.config, sample, study.evaluate, study.bench)
+    return StageJob(str(root), d.run.id, d.stage.name, d.run.config, sample, study.evaluate)
 
 
 def _executor(cluster: str, folder: Path, name: str, params: dict, profile: Profile):
@@ -446,6 +646,7 @@ def _submit_slurm(todo: list[Decision], decisions: list[Decision], plan: Plan, r
     folder = root / "jobs" / "%j"
     ids = {(d.run.id, d.stage.name): d.job_id for d in decisions if d.action in ("active", "done")}
     jobs: list[dict] = []
+    todo, bench = _split(todo)
     # train stages with equal requests go into one array; everything else waits on its parent
     first = [d for d in todo if not d.stage.after]
     later = [d for d in todo if d.stage.after]
@@ -471,6 +672,11 @@ def _submit_slurm(todo: list[Decision], decisions: list[Decision], plan: Plan, r
         job = ex.submit(_job(d, plan, root))
         jobs.append(_recorded(root, d, job.job_id, "slurm"))
         ids[(d.run.id, d.stage.name)] = job.job_id
+    if bench:  # needs no other stage: queued at once
+        study = _study_bench(plan, root, "slurm")
+        ex = _executor("slurm", folder, f"repro-{study.study}-bench", _bench_requests(bench, plan, profile), profile)
+        job = ex.submit(study)
+        jobs.append(_recorded_bench(root, study, job.job_id, "slurm"))
     return jobs
 
 
@@ -481,12 +687,21 @@ def _recorded(root: Path, d: Decision, job_id: str, cluster: str) -> dict:
     return {"run": d.run.id, "step": d.run.step, "stage": d.stage.name, "job_id": job_id}
 
 
+def _chain(todo: list[Decision], plan: Plan, root: Path, cluster: str) -> tuple[Chain, StudyBench | None]:
+    """The stage jobs in dependency order, then the study's bench (it must time alone, so it goes last)."""
+    todo, bench = _split(todo)
+    study = _study_bench(plan, root, cluster) if bench else None
+    return Chain([_job(d, plan, root) for d in todo] + ([study] if study else [])), study
+
+
 def _submit_local(todo: list[Decision], plan: Plan, root: Path) -> list[dict]:
     ex = _executor("local", root / "jobs" / "%j", f"repro-{plan.study.study.study}", {"timeout_min": 60 * 24 * 365},
                    Profile(cluster="local"))
+    chain, study = _chain(todo, plan, root, "local")
     with _detached_stdio():
-        job = ex.submit(Chain([_job(d, plan, root) for d in todo]))
-    return [_recorded(root, d, job.job_id, "local") for d in todo]
+        job = ex.submit(chain)
+    out = [_recorded(root, d, job.job_id, "local") for d in _split(todo)[0]]
+    return out + ([_recorded_bench(root, study, job.job_id, "local")] if study else [])
 
 
 @contextlib.contextmanager
@@ -512,8 +727,10 @@ def _detached_stdio():
 
 def _submit_debug(todo: list[Decision], plan: Plan, root: Path) -> list[dict]:
     ex = _executor("debug", root / "jobs" / "debug", f"repro-{plan.study.study.study}", {}, Profile(cluster="debug"))
-    job = ex.submit(Chain([_job(d, plan, root) for d in todo]))
-    out = [_recorded(root, d, job.job_id, "debug") for d in todo]
+    chain, study = _chain(todo, plan, root, "debug")
+    job = ex.submit(chain)
+    out = [_recorded(root, d, job.job_id, "debug") for d in _split(todo)[0]]
+    out += [_recorded_bench(root, study, job.job_id, "debug")] if study else []
     with contextlib.suppress(Exception):  # each stage has recorded its own failure in state.json
         job.result()
     return out
@@ -521,12 +738,18 @@ def _submit_debug(todo: list[Decision], plan: Plan, root: Path) -> list[dict]:
 
 def _dry_run(todo: list[Decision], plan: Plan, root: Path, profile: Profile) -> list[dict]:
     out = []
+    todo, bench = _split(todo)
     for d in todo:
         params = _requests(d.stage, d.run, plan, profile)
         if d.stage.after:
             params["dependency"] = "afterok:<" + ",".join(d.stage.after) + ">"
         out.append({"run": d.run.id, "step": d.run.step, "stage": d.stage.name, "job_id": None,
                     "sbatch": sbatch_text(root / "jobs" / "%j", _job_name(plan, d), params, profile)})
+    if bench:
+        study = _study_bench(plan, root, "slurm")
+        text = sbatch_text(root / "jobs" / "%j", f"repro-{study.study}-bench", _bench_requests(bench, plan, profile),
+                           profile)
+        out.append(_recorded_bench(root, study, None, "slurm", sbatch=text))
     return out
 
 
@@ -576,5 +799,6 @@ def job_view(plan: Plan, root: Path) -> dict[str, dict[str, dict]]:
     return out
 
 
-__all__ = ["CLUSTERS", "Chain", "Decision", "Profile", "StageJob", "Submission", "cancel", "decide", "job_view",
-           "load_profile", "parse_time", "read_state", "record", "sbatch_text", "scheduler_states", "submit"]
+__all__ = ["CLUSTERS", "Chain", "Decision", "Profile", "StageJob", "StudyBench", "Submission", "cancel", "decide",
+           "job_view", "load_profile", "parse_time", "read_state", "record", "running_here", "sbatch_text",
+           "scheduler_states", "submit", "wait_alone"]

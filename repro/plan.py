@@ -1,6 +1,7 @@
 """Study -> runs and stages. A run is identified by what its results depend on, so a run named by several
 studies (the DiT-XL/2 baseline of the DiC roadmap and of the DiCo ablation, at the same protocol) is one run,
-trained once, in results/runs/<run-id>/.
+trained once, in results/runs/<run-id>/. Its bench stage alone is per study: a study's runs are timed together
+in one job (results/bench/<study>.json), so the shared baseline is timed beside each study's other models.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class Run:
     switches: dict
     gpu_hours: float | None
     evaluation: EvalConfig | None = None   # the study's evaluate section (names the eval files)
+    study: str = ""                        # the study planning it: its bench is done per study (bench_done)
 
     @property
     def checkpoints(self) -> tuple[int, ...]:
@@ -102,7 +104,8 @@ def expand(loaded: LoadedStudy) -> Plan:
                 hours = cfg.train.steps * s.cost.step_seconds * gpus / 3600
             runs.append(Run(id=identity_id(identity), step=step.name, label=step.label or step.name,
                             rows=step_rows(step), seed=seed, config=cfg, config_dict=cfg_dict, samples=loaded.samples,
-                            stages=tuple(stages), switches=switches, gpu_hours=hours, evaluation=s.evaluate))
+                            stages=tuple(stages), switches=switches, gpu_hours=hours, evaluation=s.evaluate,
+                            study=s.study))
     ids = [r.id for r in runs]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -143,9 +146,33 @@ def stage_states(run: Run, root: Path) -> dict[str, dict]:
                 if run.evaluation is not None else 0
             out[stage.name] = {"state": "done" if done == len(stems) else ("partial" if done else "new")}
         elif stage.name == "bench":
-            out[stage.name] = {"state": "done" if paths.bench.exists() else "new"}
+            out[stage.name] = {"state": "done" if run.id in benched_runs(root, run.study) else "new"}
     assert set(out) == {s.name for s in run.stages}
     return out
+
+
+_BENCHED: dict[Path, tuple[tuple[int, int, int], frozenset[str]]] = {}
+
+
+def benched_runs(root: Path, study: str) -> frozenset[str]:
+    """Run ids in the study's bench record (<results>/bench/<study>.json): a run's bench stage is done per study,
+    since its throughput is only comparable with the figures of the job that timed it. Read once per version of
+    the file: status asks for every run of a plan."""
+    path = rundir.bench_record(root, study)
+    try:
+        st = path.stat()
+    except OSError:
+        return frozenset()
+    key = (st.st_ino, st.st_mtime_ns, st.st_size)  # written by rename: a new record is a new inode
+    hit = _BENCHED.get(path)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    try:
+        ids = frozenset(json.loads(path.read_text()).get("runs") or {})
+    except (OSError, ValueError, AttributeError):
+        ids = frozenset()
+    _BENCHED[path] = (key, ids)
+    return ids
 
 
 def _new(stage: Stage, run: Run) -> dict:
@@ -194,5 +221,5 @@ def plan_json(plan: Plan, root: Path) -> dict:
             "results": str(root), "runs": runs}
 
 
-__all__ = ["Plan", "Run", "Stage", "expand", "last_study", "load_study", "plan_json", "remember", "results_root",
-           "run_status", "stage_states"]
+__all__ = ["Plan", "Run", "Stage", "benched_runs", "expand", "last_study", "load_study", "plan_json", "remember",
+           "results_root", "run_status", "stage_states"]

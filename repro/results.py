@@ -6,6 +6,10 @@
 A number that is missing is NaN and its row says why (pending, queued, running, failed), never 0. A number
 measured under another protocol than the paper's keeps its value but `protocol_match` is False and
 `protocol_differences` lists how (FID-1K against FID-50K, DDIM-50 against DDPM-250, another feature network...).
+
+Params, GMACs and img/s come from the study's bench record (<results>/bench/<study>.json: all its runs timed in
+one job), with the ratio to its baseline (`bench_ratio`), and `bench_reliable` / `bench_note`: whether the figure
+was timed without contention, and if not, why.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import pandas as pd
 
 from repro import rundir
 from repro.config import protocol_id, sample_stems
+from repro.precision import departures
 from repro.plan import Plan, Run, stage_states
 
 METRICS = ("fid", "is", "sfid", "precision", "recall")
@@ -31,7 +36,8 @@ COLUMNS = ("study", "step", "label", "model", "switches", "seed", "run_id", "pap
            "gpu_hours_spent", "train_steps_per_s", *METRICS, "params", "params_m", "gmacs", "winograd_gmacs",
            "img_per_s", "fid_label",
            "extractor", "reference", "sampler", "sampling_steps", "cfg_scale", "guide_channels", "num_samples",
-           "labels", "paper_comparable", "protocol_differences", "bench_device", "bench_flags")
+           "labels", "paper_comparable", "protocol_differences", "bench_device", "bench_flags", "bench_ratio",
+           "bench_baseline", "bench_reliable", "bench_note", "bench_measurement")
 
 
 def _read_json(path: Path) -> dict | None:
@@ -83,17 +89,39 @@ def _state(run_states: dict, jobs: dict, stages: list[str], done: bool) -> str:
     return "pending"
 
 
+def bench_record(plan: Plan, root: Path) -> dict | None:
+    """The study's bench record (all its runs timed in one job), or None before its bench has run."""
+    record = _read_json(rundir.bench_record(root, plan.study.study.study))
+    return record if isinstance(record, dict) and isinstance(record.get("runs"), dict) else None
+
+
+def _bench_columns(record: dict, run_id: str) -> dict:
+    """A run's bench figures from the study record: counts, img/s, ratio to the baseline, and reliability."""
+    row = record["runs"][run_id]
+    out = {k: row.get(k) for k in BENCH}
+    out["params_m"] = row["params"] / 1e6 if row.get("params") else None
+    tp = record.get("protocol") or {}
+    env = tp.get("environment") or {}
+    base = record["runs"].get(record.get("baseline"), {})
+    out.update(bench_device=env.get("gpu") or env.get("cpu"), bench_flags=(tp.get("flags") or {}).get("profile"),
+               bench_ratio=row.get("ratio_to_baseline"), bench_baseline=base.get("label"),
+               bench_reliable=bool(row.get("reliable")), bench_note="; ".join(row.get("reasons") or []),
+               bench_measurement=record.get("measurement_id"))
+    return out
+
+
 def collect(plan: Plan, root: Path) -> pd.DataFrame:
     """One row per (run, sample set) of the study: ours, the protocol they were measured under and the state."""
     study = plan.study.study
     gpus = study.resources.gpus_per_node * study.resources.nodes
+    record = bench_record(plan, root)
     rows = []
     for run in plan.runs:
         paths = rundir.RunPaths(root / "runs" / run.id)
         exists = paths.root.is_dir()
         run_states = stage_states(run, root) if exists else {}
         jobs = rundir.read_state(paths)["stages"] if exists else {}
-        bench = _read_json(paths.bench) if exists else None
+        bench = _bench_columns(record, run.id) if record is not None and run.id in record["runs"] else None
         trained, wall = _training(paths) if exists else (0, 0.0)
         rate = trained / (wall * 3600) if wall else None
         base = {"study": study.study, "step": run.step, "label": run.label, "model": run.model,
@@ -102,12 +130,7 @@ def collect(plan: Plan, root: Path) -> pd.DataFrame:
                 "gpu_hours_planned": run.gpu_hours, "wall_hours": wall, "gpu_hours_spent": wall * gpus,
                 "train_steps_per_s": rate}
         if bench:
-            base.update({k: bench.get(k) for k in BENCH})
-            base["params_m"] = bench["params"] / 1e6 if bench.get("params") else None
-            tp = bench.get("throughput_protocol", {})
-            env = tp.get("environment", {})
-            base["bench_device"] = env.get("gpu") or env.get("cpu")
-            base["bench_flags"] = (tp.get("flags") or {}).get("profile")
+            base.update(bench)
         sets = [(protocol_id(s), stem) for s in run.samples for stem in sample_stems(protocol_id(s), run.checkpoints)]
         if "evaluate" not in study.stages:  # e.g. a throughput study: one row per run, its bench numbers
             done = "bench" not in study.stages or bench is not None
@@ -116,6 +139,7 @@ def collect(plan: Plan, root: Path) -> pd.DataFrame:
         for pid, stem in sets:
             ev = _read_json(paths.eval_file(stem, run.evaluation.tag)) if exists else None
             stages = ["train", f"sample:{pid}", f"evaluate:{pid}"]
+            precision = departures(run.config.train, plan.study.models[run.step]["model"]["family"])
             row = {**base, "protocol": pid, "stem": stem, "state": _state(run_states, jobs, stages, ev is not None)}
             ckpt = stem[len(pid) + len("-ckpt"):] if stem != pid else None
             row["checkpoint_step"] = int(ckpt) if ckpt else run.config.train.steps
@@ -126,13 +150,13 @@ def collect(plan: Plan, root: Path) -> pd.DataFrame:
                            reference=p.get("reference"), sampler=p.get("sampler"), sampling_steps=p.get("steps"),
                            cfg_scale=p.get("cfg_scale"), guide_channels=p.get("guide_channels"),
                            num_samples=p.get("num_evaluated"), labels=p.get("labels"),
-                           paper_comparable=ev["paper_protocol"]["comparable"],
-                           protocol_differences="; ".join(ev["paper_protocol"]["differences"]))
+                           paper_comparable=ev["paper_protocol"]["comparable"] and not precision,
+                           protocol_differences="; ".join([*ev["paper_protocol"]["differences"], *precision]))
                 if p.get("checkpoint_step") is not None:
                     row["checkpoint_step"] = p["checkpoint_step"]
             rows.append(row)
     df = pd.DataFrame(rows, columns=list(COLUMNS))
-    for col in (*METRICS, *BENCH, "params_m", "gpu_hours_planned", "train_steps_per_s"):
+    for col in (*METRICS, *BENCH, "params_m", "gpu_hours_planned", "train_steps_per_s", "bench_ratio"):
         df[col] = pd.to_numeric(df[col], errors="coerce")  # missing is NaN, never 0
     return df
 
@@ -140,16 +164,24 @@ def collect(plan: Plan, root: Path) -> pd.DataFrame:
 def by_step(df: pd.DataFrame) -> pd.DataFrame:
     """Seeds of one step folded: mean, std and count of every number, per (step, sample set)."""
     keys = ["step", "label", "model", "protocol", "stem", "checkpoint_step"]
-    numbers = [c for c in (*METRICS, *BENCH, "params_m", "train_steps_per_s") if c in df]
+    numbers = [c for c in (*METRICS, *BENCH, "params_m", "train_steps_per_s", "bench_ratio") if c in df]
     g = df.groupby(keys, dropna=False, sort=False)
     out = g[numbers].mean()
     std = g[numbers].std(ddof=1).add_suffix("_std")
     count = g["fid"].count().rename("seeds_done")
     first = g[["paper_rows", "fid_label", "extractor", "sampler", "sampling_steps", "num_samples", "cfg_scale",
-               "paper_comparable", "protocol_differences", "train_steps"]].first()
+               "paper_comparable", "protocol_differences", "train_steps", "bench_baseline"]].first()
     states = g["state"].agg(lambda s: "done" if (s == "done").all() else ", ".join(sorted(set(s) - {"done"})))
     seeds = g["seed"].count().rename("seeds")
-    return pd.concat([out, std, count, seeds, first, states], axis=1).reset_index()
+    reliable = g["bench_reliable"].agg(_all_reliable).rename("bench_reliable")
+    notes = g["bench_note"].agg(lambda s: "; ".join(dict.fromkeys(n for n in s if isinstance(n, str) and n)))
+    return pd.concat([out, std, count, seeds, first, states, reliable, notes], axis=1).reset_index()
+
+
+def _all_reliable(values: pd.Series):
+    """Seeds folded: False if any seed's figure is unreliable, None if none was measured, else True."""
+    known = [bool(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return None if not known else all(known)
 
 
 def paper_table(df: pd.DataFrame, plan: Plan) -> pd.DataFrame:
@@ -190,6 +222,9 @@ def paper_table(df: pd.DataFrame, plan: Plan) -> pd.DataFrame:
                 diffs = _protocol_differences(proto, o)
                 rec["protocol_match"] = not diffs
                 rec["protocol_differences"] = "; ".join(diffs)
+                measured = o is not None and _nan_none(o.get("img_per_s")) is not None
+                rec["bench_reliable"] = o.get("bench_reliable") if measured else None  # of the img/s
+                rec["bench_note"] = (o.get("bench_note") or None) if measured else None
                 out.append(rec)
     return pd.DataFrame(out)
 

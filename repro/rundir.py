@@ -59,9 +59,11 @@ class RunPaths:
         """eval/<sample stem>.<eval tag>.json: one sample set scored under one evaluation protocol."""
         return self.root / "eval" / f"{stem}.{tag}.json"
 
-    @property
-    def bench(self) -> Path:
-        return self.root / "bench.json"
+
+def bench_record(root: str | Path, study: str) -> Path:
+    """<results>/bench/<study>.json: the throughput of every run of a study, all timed in one job. Per study, not
+    per run: a run shared by two studies (their DiT baseline) is timed beside each study's other runs."""
+    return Path(root) / "bench" / f"{study}.json"
 
 
 # ---------------------------------------------------------------------------------------------- job state

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from repro.config import RunConfig, SampleConfig, config_hash, load_run_record, 
 from repro.data import VAE, to_uint8
 from repro.diffusion import cfg_model_fn, create_diffusion
 from repro.errors import ConfigError
+from repro.precision import tf32
 from repro.train import seed_for
 
 
@@ -81,8 +83,9 @@ def sample(run_dir: str | Path, overrides: dict | None = None, progress: bool = 
     done = npz.with_suffix(".json")
     if npz.exists() and done.exists():
         record = json.loads(done.read_text())
-        if (record.get("checkpoint_step"), record.get("per_proc_batch"), record.get("world_size")) == \
-                (state["step"], s.per_proc_batch, env.world):
+        if (record.get("checkpoint_step"), record.get("per_proc_batch"), record.get("world_size"),
+                record.get("tf32_matmul", True), record.get("tf32_cudnn", True)) == \
+                (state["step"], s.per_proc_batch, env.world, s.tf32_matmul, s.tf32_cudnn):
             return npz  # this exact sample set is already there
     shard_dir = paths.samples / f".{stem}.b{s.per_proc_batch}x{env.world}.shards"
     per_shard = s.per_proc_batch * env.world
@@ -90,22 +93,13 @@ def sample(run_dir: str | Path, overrides: dict | None = None, progress: bool = 
     labels = sample_labels(s, model.num_classes, n_shards * per_shard)
     shape = (model.in_channels, model.input_size, model.input_size)
     gen = torch.Generator(device=device)
-    for k in range(n_shards):
-        out = shard_dir / f"{k:06d}-rank{env.rank}.npz"
-        if out.exists():
-            continue  # done before an interruption
-        lo = k * per_shard + env.rank * s.per_proc_batch
-        y = labels[lo:lo + s.per_proc_batch].to(device)
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed_for(s.seed, "z", p)))
-                             for p in range(lo, lo + s.per_proc_batch)]).to(device)
-        gen.manual_seed(seed_for(s.seed, "shard", k, env.rank))
-        model_fn = cfg_model_fn(model, y, s.cfg_scale, s.guide_channels)
-        loop = diffusion.p_sample_loop if s.sampler == "ddpm" else diffusion.ddim_sample_loop
-        with torch.no_grad():
-            z = loop(model_fn, noise.shape, noise=noise, clip_denoised=False, generator=gen, device=device,
-                     progress=progress and env.is_main)
-            images = vae.decode(z) if vae is not None else to_uint8(z)
-        _save_npz_atomic(out, images.cpu().numpy(), y.cpu().numpy())
+    timing = {"shards": 0, "images": 0, "sampler_s": 0.0, "decode_s": 0.0}  # this call's shards (pilot, cost)
+    with tf32(s.tf32_matmul, s.tf32_cudnn) as flags:
+        for k in range(n_shards):
+            out = shard_dir / f"{k:06d}-rank{env.rank}.npz"
+            if not out.exists():  # else done before an interruption
+                _sample_shard(k, out, s, labels, per_shard, env, shape, device, gen, model, diffusion, vae, progress,
+                              timing)
     distributed.barrier(env)
     if env.is_main:
         arrays, ys = [], []
@@ -119,12 +113,44 @@ def sample(run_dir: str | Path, overrides: dict | None = None, progress: bool = 
         protocol = {**dataclasses.asdict(s), "protocol_id": stem, "checkpoint": ckpt.name,
                     "checkpoint_step": state["step"], "weights": "ema" if s.use_ema else "raw",
                     "world_size": env.world, "config_hash": config_hash(cfg), "model": spec["name"],
-                    "decode": "vae" if vae is not None else "pixels", "clip_denoised": False}
+                    "decode": "vae" if vae is not None else "pixels", "clip_denoised": False,
+                    "flags_in_effect": flags, "timing": {**timing, "device": device.type}}
         rundir.atomic_write_text(npz.with_suffix(".json"), json.dumps(protocol, indent=2) + "\n")
         _save_grid(images[:64], npz.with_suffix(".png"))
         shutil.rmtree(shard_dir)  # the npz holds them all now
     distributed.barrier(env)
     return npz
+
+
+def _sample_shard(k: int, out: Path, s: SampleConfig, labels: torch.Tensor, per_shard: int, env, shape: tuple,
+                  device: torch.device, gen: torch.Generator, model, diffusion, vae, progress: bool,
+                  timing: dict) -> None:
+    """Shard k of this rank: its labels and starting noise from (seed, position), the sampler loop, the decode."""
+    lo = k * per_shard + env.rank * s.per_proc_batch
+    y = labels[lo:lo + s.per_proc_batch].to(device)
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed_for(s.seed, "z", p)))
+                         for p in range(lo, lo + s.per_proc_batch)]).to(device)
+    gen.manual_seed(seed_for(s.seed, "shard", k, env.rank))
+    model_fn = cfg_model_fn(model, y, s.cfg_scale, s.guide_channels)
+    loop = diffusion.p_sample_loop if s.sampler == "ddpm" else diffusion.ddim_sample_loop
+    started = time.perf_counter()
+    with torch.no_grad():
+        z = loop(model_fn, noise.shape, noise=noise, clip_denoised=False, generator=gen, device=device,
+                 progress=progress and env.is_main)
+        _sync(device)
+        decoding = time.perf_counter()
+        images = vae.decode(z) if vae is not None else to_uint8(z)
+        _sync(device)
+    timing["sampler_s"] += decoding - started
+    timing["decode_s"] += time.perf_counter() - decoding
+    timing["shards"] += 1
+    timing["images"] += len(y)
+    _save_npz_atomic(out, images.cpu().numpy(), y.cpu().numpy())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _save_npz_atomic(path: Path, images: np.ndarray, labels: np.ndarray) -> None:

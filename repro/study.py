@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from repro.config import BenchConfig, EvalConfig, RunConfig, SampleConfig
+from repro.config import BenchConfig, EvalConfig, RunConfig, SampleConfig, resolve_tf32
 from repro.errors import ConfigError, did_you_mean
 from repro.modelcheck import model_checks
 from repro.paper import load_paper
@@ -165,6 +165,7 @@ def load_study(path: str | Path) -> LoadedStudy:
         raw[step.name] = deep_merge(start, step.config)
         configs[step.name] = from_dict(RunConfig, raw[step.name], where, f"{key}.config.")
         checked[step.name] = checks.check(configs[step.name], where, f"{key}.config.model")
+        configs[step.name] = resolve_tf32(configs[step.name], checked[step.name]["model"]["family"])
     paper_path = _check_paper_rows(study, path, where) if study.paper is not None else None
     if "evaluate" in study.stages:
         for k in study.evaluate.checkpoints:

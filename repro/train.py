@@ -23,10 +23,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 from repro import distributed, models, rundir
-from repro.config import RunConfig, config_hash, dump_run_record, load_run_record, run_id, run_identity, to_dict
+from repro.config import (RunConfig, config_hash, dump_run_record, load_run_record, resolve_tf32, run_id,
+                          run_identity, to_dict)
 from repro.data import LATENT_SCALE, VAE, build_dataset
 from repro.diffusion import create_diffusion
 from repro.errors import ConfigError
+from repro.precision import set_tf32, tf32_flags
 
 
 class Interrupted(Exception):
@@ -128,14 +130,14 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
     `keep_steps` are also checkpointed and never pruned (a study evaluates them: FID against training step);
     resume is bit-exact, so extra checkpoints do not change the run.
     """
+    cfg = resolve_tf32(cfg)  # unset TF32 flags: the model family's released code
     t = cfg.train
     # ---------------------------------------------------------------- set-up: processes, precision, folder
     env = distributed.init()
     device = env.device
     if t.global_batch % env.world:
         raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by {env.world} processes")
-    torch.backends.cuda.matmul.allow_tf32 = t.tf32_matmul
-    torch.backends.cudnn.allow_tf32 = t.tf32_cudnn
+    set_tf32(t.tf32_matmul, t.tf32_cudnn)
     amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t.amp]
     paths = rundir.RunPaths(run_dir)
 
@@ -154,8 +156,11 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     spec = model_spec(cfg, tuple(sample_x.shape), num_classes)
     model = models.build(spec["name"], **spec["kwargs"]).to(device)
+    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # starts as an exact copy
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, eps=1e-8, weight_decay=t.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, eps=1e-8, weight_decay=t.weight_decay,
+                            **({"fused": True} if t.fused_adamw else {}))
     scaler = torch.amp.GradScaler(device.type, enabled=t.amp == "fp16")
     diffusion = create_diffusion("", cfg.diffusion.noise_schedule, cfg.diffusion.learn_sigma,
                                  cfg.diffusion.diffusion_steps)
@@ -184,7 +189,11 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
         rundir.truncate_jsonl(paths.metrics, step)
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if env.world > 1 else model
+    if t.compile:  # the wrapper, not the module: checkpoints and the EMA keep the module's own parameter names
+        net = torch.compile(net)
     model.train()
+    switches = {"device": device.type, "amp": t.amp, **tf32_flags(), "channels_last": t.channels_last,
+                "compile": t.compile, "fused_adamw": t.fused_adamw}
     ema_params = [p for _, p in sorted(ema.named_parameters())]
     live_params = [p for _, p in sorted(model.named_parameters())]
 
@@ -225,7 +234,9 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
 
         def model_fn(xt, tt, y=y):
             with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                return net(xt, tt, y).float()
+                # Only the model sees NHWC: the diffusion's reductions (loss, VLB) sum in the same order whatever
+                # layout the model ran in.
+                return net(xt.to(memory_format=memory_format), tt, y).float().contiguous()
 
         losses = diffusion.training_losses(model_fn, x, timesteps, noise=noise)
         loss = losses["loss"].mean()
@@ -255,7 +266,8 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
                                        f"last good checkpoint: {rundir.latest_checkpoint(paths) or 'none'}")
             last = {"step": step, "loss": mean[0].item(), "mse": mean[1].item(), "vb": mean[2].item(),
                     "grad_norm": float(grad_norm), "lr": lr, "steps_per_s": window_steps / elapsed,
-                    "img_per_s": window_steps * t.global_batch / elapsed, "peak_mem_bytes": _peak_memory(device)}
+                    "img_per_s": window_steps * t.global_batch / elapsed, "peak_mem_bytes": _peak_memory(device),
+                    "switches": switches}
             log.metrics(last)
             sums.zero_()
             window_start, window_steps = time.perf_counter(), 0

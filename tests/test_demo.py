@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from repro.cli import main
+from repro.report.plots import FIGURES
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
@@ -43,12 +44,17 @@ def test_demo_runs_both_studies_reports_them_and_a_second_run_trains_nothing(tmp
             "--poll", "1"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "small_dic_roadmap: queued 8 jobs; 8/8 stages done" in out, out
-    assert "small_dico_ablation: queued 8 jobs; 8/8 stages done" in out, out
+    # 2 runs x (train, sample, evaluate), and one bench job per study timing both runs
+    assert "small_dic_roadmap: queued 7 jobs; 8/8 stages done" in out, out
+    assert "small_dico_ablation: queued 7 jobs; 8/8 stages done" in out, out
+    for name in ("small_dic_roadmap", "small_dico_ablation"):
+        # each bench waited for the other chain's stages, then timed alone (the wait is hours: never reached)
+        bench = json.loads((root / "bench" / f"{name}.json").read_text())
+        assert len(bench["runs"]) == 2 and bench["alone"]["alone"] is True, bench["alone"]
     for name in ("small_dic_roadmap", "small_dico_ablation"):
         report = tmp_path / "reports" / name
         assert (report / "index.html").is_file() and (report / "table.csv").is_file()
-        assert len(list((report / "figures").glob("*.png"))) == 4
+        assert len(list((report / "figures").glob("*.png"))) == len(FIGURES)
     metrics = sorted(root.glob("runs/*/train/metrics.jsonl"))
     assert len(metrics) == 4
     before = {p: p.read_text() for p in metrics}

@@ -279,7 +279,8 @@ def test_slurm_without_its_commands_is_a_one_line_error(tmp_path, capsys, monkey
 
 @needs_fashion
 def test_evaluate_and_bench_stages_write_their_records_with_the_protocol(tmp_path, classifier, stats_cache, capsys):
-    """train -> sample (final and an intermediate checkpoint) -> evaluate, and bench, through the launcher."""
+    """train -> sample (final and an intermediate checkpoint) -> evaluate, and the study's bench, through the
+    launcher."""
     extra = (f"evaluate: {{extractor: fashion-mnist, classifier: '{classifier}', checkpoints: [3]}}\n"
              f"bench: {{batch: 4, warmup: 1, iters: 2, repeats: 1}}\n")
     study = short_study(tmp_path, stages=("train", "sample", "evaluate", "bench"), extra=extra)
@@ -309,9 +310,12 @@ def test_evaluate_and_bench_stages_write_their_records_with_the_protocol(tmp_pat
         assert all(v is not None and v == v for v in record["metrics"].values())
         assert record["labels"]["fid"] == "FID-8 (Fashion-MNIST classifier)"
         assert "8 samples, not 50K" in record["paper_protocol"]["differences"]
-    bench = json.loads((folder / "bench.json").read_text())
+    # the study's bench is one job timing every run of the study, whichever --only selected
+    record = json.loads((root / "bench" / f"{plan.study.study.study}.json").read_text())
+    assert set(record["runs"]) == {r.id for r in plan.runs}
+    bench = record["runs"][run.id]
     assert bench["params"] > 0 and bench["gmacs"] > 0 and bench["img_per_s"] > 0
-    assert bench["throughput_protocol"]["batch"] == 4 and bench["throughput_protocol"]["flags"]["profile"]
+    assert record["protocol"]["batch"] == 4 and record["protocol"]["flags"]["profile"]
     # everything is done: a second submit queues nothing, and status says so
     assert main(["submit", str(study), "--cluster", "debug", "--only", "dit", "--results", str(root)]) == 0
     assert "queued 0 jobs on debug (4 done)" in capsys.readouterr().out

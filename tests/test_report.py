@@ -49,8 +49,28 @@ def assert_every_paper_number(plan, table: pd.DataFrame) -> int:
     return checked
 
 
+def fixture_bench(root: Path, run, img_per_s: float, reasons: tuple[str, ...] = ()) -> None:
+    """FIXTURE: the run's row in its study's bench record (<results>/bench/<study>.json); ratios to the first DiT
+    row written, as the bench job computes them."""
+    path = rundir.bench_record(root, run.study)
+    record = json.loads(path.read_text()) if path.exists() else {
+        "study": run.study, "measurement_id": "fixture", "baseline": None, "reliable": True, "reasons": [],
+        "protocol": {"flags": {"profile": "strict_fp32"}, "environment": {"cpu": "fixture cpu"}}, "runs": {}}
+    record["runs"][run.id] = {"step": run.step, "label": run.label, "model": run.model,
+                              "params": 1_000_000 + 1000 * len(run.step), "gmacs": 0.25, "winograd_gmacs": None,
+                              "img_per_s": img_per_s, "reliable": not reasons, "reasons": list(reasons)}
+    if record["baseline"] is None and run.model.startswith("DiT"):
+        record["baseline"] = run.id
+    base = record["runs"].get(record["baseline"], next(iter(record["runs"].values())))
+    for row in record["runs"].values():
+        row["ratio_to_baseline"] = row["img_per_s"] / base["img_per_s"]
+    record["reliable"] = all(row["reliable"] for row in record["runs"].values())
+    rundir.atomic_write_text(path, json.dumps(record))
+
+
 def fixture_run(root: Path, run, fid: float, state: str = "done") -> None:
-    """FIXTURE: the files a run's stages leave (state.json, metrics.jsonl, bench.json, samples and eval records)."""
+    """FIXTURE: the files a run's stages leave (state.json, metrics.jsonl, its row of the study's bench record,
+    samples and eval records)."""
     paths = rundir.RunPaths(root / "runs" / run.id)
     pid = run.stages[1].name.split(":", 1)[1]
     rundir.record_state(paths, "train", "done", cluster="fixture")
@@ -60,10 +80,7 @@ def fixture_run(root: Path, run, fid: float, state: str = "done") -> None:
     steps = run.config.train.steps
     for step in (steps // 2, steps):
         rundir.append_line(paths.metrics, json.dumps({"step": step, "loss": 0.1, "steps_per_s": 2.0}))
-    rundir.atomic_write_text(paths.bench, json.dumps({
-        "params": 1_000_000 + 1000 * len(run.step), "gmacs": 0.25, "winograd_gmacs": None,
-        "img_per_s": 100.0 + len(run.step), "throughput_protocol": {"flags": {"profile": "strict_fp32"},
-                                                                     "environment": {"cpu": "fixture cpu"}}}))
+    fixture_bench(root, run, 100.0 + len(run.step))
     record = {"metrics": {"fid": fid, "is": 2.0, "sfid": fid * 2, "precision": 0.5, "recall": 0.4},
               "labels": {"fid": "FID-1K (Fashion-MNIST classifier)"}, "unavailable": {},
               "protocol": {"sampler": "ddim", "steps": "50", "cfg_scale": 1.0, "guide_channels": 3,

@@ -7,6 +7,13 @@ drift of the machine hits every arm alike; each model's figure is the median of 
 
 TF32 flags are always set explicitly and recorded. Profiles: "strict_fp32" (matmul and cuDNN TF32 off, the
 default) and "torch_default" (matmul off, cuDNN on; what DiCo's unpinned code ran under).
+
+Interleaving evens out drift, not contention: a figure timed while other processes share the machine is noise.
+So measure() also records what else ran: the load average before and after, and during every timed repeat the
+share of the machine's CPU used by other processes (busy jiffies of /proc/stat minus this process's own CPU time,
+over wall time x CPUs). One rule for every row: it is unreliable when others used more than MAX_OTHERS_CPU_SHARE
+of the machine during its repeats or its repeats spread more than MAX_SPREAD ((max - min) / median); the
+measurement is reliable only when every row is, and the reasons are recorded beside the figures.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +33,10 @@ FLAG_PROFILES = {"strict_fp32": dict(matmul_tf32=False, cudnn_tf32=False),
                  "torch_default": dict(matmul_tf32=False, cudnn_tf32=True)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ATTENTION = ("fused", "math")  # SDPA's default dispatch, or the math kernel (no fused attention)
+# a row is unreliable above either: other processes' share of the machine's CPU during its repeats, and the
+# spread of its repeats ((max - min) / median img/s)
+MAX_OTHERS_CPU_SHARE = 0.10
+MAX_SPREAD = 0.10
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,7 @@ class BenchSettings:
     warmup: int = 20
     iters: int = 20
     repeats: int = 3
+    channels_last: bool = False  # model and inputs in torch.channels_last (NHWC) memory format
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -75,7 +88,8 @@ def apply_flags(settings: BenchSettings) -> dict:
 
 def environment(device: str) -> dict:
     """The machine a figure was measured on."""
-    env = dict(torch=torch.__version__, python=platform.python_version(), threads=torch.get_num_threads())
+    env = dict(torch=torch.__version__, python=platform.python_version(), threads=torch.get_num_threads(),
+               host=platform.node())
     if device.startswith("cuda"):
         env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
                    cudnn=torch.backends.cudnn.version())
@@ -111,22 +125,103 @@ def _attention_context(kind: str):
     return contextlib.nullcontext()
 
 
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages (/proc/loadavg); None where the system has none."""
+    try:
+        with open("/proc/loadavg") as f:
+            return [float(v) for v in f.read().split()[:3]]
+    except (OSError, ValueError):
+        return None
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _machine_busy() -> tuple[float, int] | None:
+    """(CPU-seconds the whole machine has been busy, number of CPUs) from /proc/stat; None without one."""
+    try:
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    cpus = sum(1 for ln in lines if ln.startswith("cpu") and ln[3:4].isdigit())
+    head = lines[0].split() if lines else []
+    if not cpus or not head or head[0] != "cpu":
+        return None
+    # user nice system idle iowait irq softirq steal (guest is already counted in user); steal is CPU the
+    # hypervisor gave to someone else while this machine wanted it: contention too
+    v = [int(x) for x in head[1:9]] + [0] * max(0, 9 - len(head))
+    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / _TICK, cpus
+
+
+def _own_cpu() -> float:
+    """CPU-seconds used by this process, all its threads (getrusage: exact, not sampled in ticks)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class _Others:
+    """CPU-seconds used by other processes over one timed window, and the window's capacity (wall x CPUs)."""
+
+    def __init__(self):
+        self.machine = _machine_busy()
+        self.own = _own_cpu()
+
+    def stop(self, wall: float) -> tuple[float, float] | None:
+        end = _machine_busy()
+        if self.machine is None or end is None:
+            return None
+        others = (end[0] - self.machine[0]) - (_own_cpu() - self.own)
+        return max(0.0, others), wall * end[1]
+
+
+def _row_reliability(rates: list[float], windows: list[tuple[float, float] | None]) -> dict:
+    """Spread of the repeats, others' CPU share over them, and whether the row passes the one rule."""
+    median = statistics.median(rates)
+    spread = (max(rates) - min(rates)) / median if median > 0 else float("inf")
+    reasons = []
+    if None in windows:
+        share, per_repeat = None, None
+        reasons_unknown = "others' CPU share not recorded (no /proc/stat)"
+    else:
+        # over all its repeats: a single short repeat is a few ticks of /proc/stat, too coarse to judge alone
+        share = sum(o for o, _ in windows) / max(sum(c for _, c in windows), 1e-12)
+        per_repeat = [o / c if c > 0 else None for o, c in windows]
+        reasons_unknown = None
+    if share is not None and share > MAX_OTHERS_CPU_SHARE:
+        reasons.append(f"other processes used {share:.0%} of the machine's CPU during its repeats "
+                       f"(limit {MAX_OTHERS_CPU_SHARE:.0%})")
+    if spread > MAX_SPREAD:
+        reasons.append(f"its repeats spread {spread:.0%} ((max - min) / median; limit {MAX_SPREAD:.0%})")
+    out = dict(spread=spread, others_cpu_share=share, others_cpu_share_repeats=per_repeat, reliable=not reasons,
+               reasons=reasons)
+    if reasons_unknown:
+        out["note"] = reasons_unknown
+    return out
+
+
 def measure(models: dict[str, nn.Module], settings: BenchSettings) -> dict:
-    """Time each model's forward, interleaved; returns per-model img/s (median and repeats) and the protocol.
+    """Time each model's forward, interleaved; returns per-model img/s (median and repeats), the contention each
+    row was timed under and whether it is reliable, the load before and after, and the protocol.
 
     Models must already be on `settings.device` in `settings.dtype`; the first model is the ratio's baseline.
     """
     flags = apply_flags(settings)
     dev, dtype, n = settings.device, DTYPES[settings.dtype], settings.batch
+    fmt = torch.channels_last if settings.channels_last else torch.contiguous_format
     inputs = {}
     for name, model in models.items():
         model.eval()
+        if settings.channels_last:
+            model.to(memory_format=fmt)  # 4-D weights (convolutions) only; linear layers are unchanged
         # the model's own input side: latent models are built at resolution / 8, pixel models at the resolution
         x = torch.randn(n, model.in_channels, model.input_size, model.input_size, device=dev, dtype=dtype)
         t = torch.randint(0, 1000, (n,), device=dev)
         y = torch.randint(0, model.num_classes, (n,), device=dev)
-        inputs[name] = (x, t, y)
+        inputs[name] = (x.contiguous(memory_format=fmt), t, y)
     times: dict[str, list[float]] = {name: [] for name in models}
+    windows: dict[str, list] = {name: [] for name in models}
+    load_before = load_average()
     with torch.inference_mode(), _attention_context(settings.attention):
         for name, model in models.items():
             for _ in range(settings.warmup):
@@ -135,18 +230,27 @@ def measure(models: dict[str, nn.Module], settings: BenchSettings) -> dict:
         for _ in range(settings.repeats):
             for name, model in models.items():
                 _sync(dev)
+                others = _Others()
                 start = time.perf_counter()
                 for _ in range(settings.iters):
                     model(*inputs[name])
                 _sync(dev)
-                times[name].append(time.perf_counter() - start)
+                wall = time.perf_counter() - start
+                windows[name].append(others.stop(wall))
+                times[name].append(wall)
+    load_after = load_average()
     rows = []
     for name in models:
         rates = [settings.iters * n / s for s in times[name]]
         rows.append(dict(model=name, img_per_s=statistics.median(rates), img_per_s_repeats=rates,
-                         input=list(inputs[name][0].shape[1:])))
+                         input=list(inputs[name][0].shape[1:]), **_row_reliability(rates, windows[name])))
     base = rows[0]["img_per_s"]
     for row in rows:
         row["ratio_to_first"] = row["img_per_s"] / base
+    reasons = [f"{r['model']}: {why}" for r in rows for why in r["reasons"]]
     return dict(protocol=dict(asdict(settings), timed="denoiser forward, t and y full-batch, inference_mode",
-                              flags=flags, environment=environment(dev)), results=rows)
+                              flags=flags, environment=environment(dev),
+                              reliability_rule=dict(max_others_cpu_share=MAX_OTHERS_CPU_SHARE,
+                                                    max_spread=MAX_SPREAD)),
+                results=rows, reliable=not reasons, reasons=reasons,
+                load=dict(before=load_before, after=load_after))

@@ -8,6 +8,8 @@
     reports/<study>/figures/     roadmap, fid_vs_step, frontier, speedup (PNG and SVG)
 
 Works on partial studies: missing numbers are shown as pending / queued / running / failed, never as 0.
+Throughput timed under contention (see repro.metrics.throughput) is shown marked "(unreliable)" with the reason
+in a note, and the figures draw it hatched grey, never as a plain figure.
 """
 
 from __future__ import annotations
@@ -21,12 +23,30 @@ import pandas as pd
 from repro import rundir
 from repro.plan import Plan
 from repro.report import plots
-from repro.results import PAPER_METRICS, by_step, collect, loss_curves, paper_table
+from repro.results import PAPER_METRICS, bench_record, by_step, collect, loss_curves, paper_table
 
 FORMATS = ("html", "md", "csv", "tex")
 SHOWN = ("fid", "is", "sfid", "precision", "recall", "gmacs", "params_m", "img_per_s")
 NAMES = {"fid": "FID", "is": "IS", "sfid": "sFID", "precision": "Prec.", "recall": "Rec.", "gmacs": "GMACs",
          "winograd_gmacs": "Winograd GMACs", "params_m": "Params (M)", "img_per_s": "img/s"}
+UNRELIABLE = "(unreliable)"  # follows an img/s timed under contention; the reason is in the notes below the table
+
+
+def unreliable(row) -> bool:
+    """Whether a row's throughput was measured and marked unreliable (None or NaN: not measured)."""
+    v = row.get("bench_reliable")
+    return v is not None and not (isinstance(v, float) and math.isnan(v)) and not bool(v)
+
+
+def bench_notes(steps: pd.DataFrame) -> list[str]:
+    """One line per step whose img/s is unreliable: its label and why."""
+    if not len(steps) or "bench_reliable" not in steps:
+        return []
+    out = {}
+    for _, r in steps.iterrows():
+        if unreliable(r):
+            out.setdefault(f"{r['label']}: {r['bench_note'] or 'marked unreliable'}", None)
+    return list(out)
 
 
 def spearman(table: pd.DataFrame, metric: str = "fid", scope: str = "") -> dict | None:
@@ -93,6 +113,8 @@ def display_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
             ours = r.get(f"ours_{m}")
             std = r.get(f"ours_{m}_std")
             shown = _fmt(ours) + (f" ± {_fmt(std)}" if _fmt(std) else "") if _fmt(ours) else r["state"]
+            if m == "img_per_s" and _fmt(ours) and unreliable(r):
+                shown += f" {UNRELIABLE}"
             cells += [_fmt(r.get(f"paper_{m}")), shown, _fmt(r.get(f"delta_{m}"))]
         if r["protocol_match"]:
             match = "yes"
@@ -163,8 +185,9 @@ def write(plan: Plan, root: Path, out: Path, formats: tuple[str, ...] = FORMATS)
             "gpu_hours_spent"].sum() if len(df) else None),
         "wall_hours": _fmt(df.drop_duplicates("run_id")["wall_hours"].sum() if len(df) else None),
         "common_differences": common_differences(table) if len(table) else [],
+        "bench_notes": bench_notes(steps), "unreliable_mark": UNRELIABLE,
         "correlations": correlations(table, "fid"),
-        "protocols": _protocol_lines(df, table, plan), "figures": plots.FIGURES, "grids": grids,
+        "protocols": _protocol_lines(df, table, plan, root), "figures": plots.FIGURES, "grids": grids,
         "metrics": [NAMES[m] for m in PAPER_METRICS if m in NAMES],
     }
     env = jinja2.Environment(loader=jinja2.PackageLoader("repro.report", "templates"),
@@ -180,7 +203,7 @@ def write(plan: Plan, root: Path, out: Path, formats: tuple[str, ...] = FORMATS)
     return written
 
 
-def _protocol_lines(df: pd.DataFrame, table: pd.DataFrame, plan: Plan) -> list[str]:
+def _protocol_lines(df: pd.DataFrame, table: pd.DataFrame, plan: Plan, root: Path) -> list[str]:
     """Under which conditions our numbers and the paper's were measured, one line each."""
     lines = []
     done = df.dropna(subset=["fid"]) if len(df) else df
@@ -188,6 +211,9 @@ def _protocol_lines(df: pd.DataFrame, table: pd.DataFrame, plan: Plan) -> list[s
         lines.append(f"ours: {r['sampler']}-{r['sampling_steps']} sampling, cfg {r['cfg_scale']:g}, "
                      f"{int(r['num_samples']):,} samples ({r['labels']} labels), {r['extractor']} against "
                      f"{r['reference']}: {r['fid_label']}")
+    bench = bench_record(plan, root)
+    if bench is not None:
+        lines.append(_bench_line(bench))
     if plan.study.paper_path is not None and len(table):
         from repro.paper import load_paper
 
@@ -198,6 +224,25 @@ def _protocol_lines(df: pd.DataFrame, table: pd.DataFrame, plan: Plan) -> list[s
             lines.append(f"paper ({paper.paper} {t}): {stated or 'not stated'}")
             lines.extend(f"paper assumption: {a}" for a in p.assumptions)
     return lines
+
+
+def _bench_line(bench: dict) -> str:
+    """How the study's throughput was measured: one job, its device and settings, and whether it was alone."""
+    p = bench.get("protocol") or {}
+    env = p.get("environment") or {}
+    alone = bench.get("alone") or {}
+    if not alone:
+        where = "no record of what else ran"
+    elif not alone.get("checked"):
+        where = "on a node of its own (SLURM --exclusive)"
+    elif alone.get("alone"):
+        where = f"alone on the machine (after waiting {alone.get('waited_s', 0):.0f} s)"
+    else:
+        where = f"beside other stages (still running after {alone.get('waited_s', 0):.0f} s)"
+    return (f"ours (img/s): every run timed interleaved in one job (measurement {str(bench.get('measurement_id'))[:8]}"
+            f") on {env.get('gpu') or env.get('cpu')}, {where}; batch {p.get('batch')}, {p.get('dtype')}, flags "
+            f"{(p.get('flags') or {}).get('profile')}, {p.get('iters')} forwards x {p.get('repeats')} repeats; "
+            f"{'reliable' if bench.get('reliable') else 'unreliable rows are marked ' + UNRELIABLE}")
 
 
 def _copy_grids(plan: Plan, root: Path, df: pd.DataFrame, folder: Path) -> list[dict]:

@@ -3,11 +3,12 @@
 - roadmap: FID after each cumulative step, paper and ours (DiC Figure 1);
 - fid_vs_step: FID against training step, one line per model (DiCo Table 8);
 - frontier: throughput against FID, the speed/quality frontier, DiT baselines marked;
-- speedup: throughput ratio of each model to the DiT baseline;
+- speedup: throughput ratio of each model to the study's baseline, from the study's one bench measurement;
 - loss: the training loss (ε-MSE) against step, one line per model: whether training had flattened.
 
 A figure with nothing to show says so in its title instead of being skipped, so the report's layout is stable.
-Our numbers and the paper's sit on separate axes when they are measured under different protocols.
+Our numbers and the paper's sit on separate axes when they are measured under different protocols. Throughput
+marked unreliable (timed under contention) is drawn hollow or hatched in grey, labelled so, never as a plain figure.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ def _save(fig, out: Path, name: str) -> list[Path]:
 
 def _is_baseline(model: str, label: str) -> bool:
     return str(model).startswith("DiT") or str(label).startswith("DiT")
+
+
+def _unreliable(v) -> bool:
+    """bench_reliable is False (None or NaN: not measured, nothing to mark)."""
+    return v is not None and not (isinstance(v, float) and v != v) and not bool(v)
 
 
 def roadmap(table: pd.DataFrame, out: Path, title: str) -> list[Path]:
@@ -88,37 +94,56 @@ def frontier(steps: pd.DataFrame, out: Path) -> list[Path]:
     final = steps[steps["checkpoint_step"] == steps["train_steps"]] if len(steps) else steps
     have = final.dropna(subset=["fid", "img_per_s"]) if len(final) else final
     if len(have):
+        grey = 0
         for _, r in have.iterrows():
             base = _is_baseline(r["model"], r["label"])
-            ax.scatter(r["img_per_s"], r["fid"], marker="s" if base else "o", s=60 if base else 40,
-                       color="tab:red" if base else "tab:blue")
-            ax.annotate(r["label"], (r["img_per_s"], r["fid"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("denoiser img/s (bench stage)")
+            colour = "tab:red" if base else "tab:blue"
+            label = r["label"]
+            if _unreliable(r.get("bench_reliable")):  # hollow grey: measured, but not as fact
+                grey += 1
+                ax.scatter(r["img_per_s"], r["fid"], marker="s" if base else "o", s=60 if base else 40,
+                           facecolors="none", edgecolors="tab:gray", hatch="///")
+                label = f"{label} (img/s unreliable)"
+            else:
+                ax.scatter(r["img_per_s"], r["fid"], marker="s" if base else "o", s=60 if base else 40, color=colour)
+            ax.annotate(label, (r["img_per_s"], r["fid"]), fontsize=7, xytext=(3, 3), textcoords="offset points",
+                        color="tab:gray" if label != r["label"] else "black")
+        ax.set_xlabel("denoiser img/s (the study's bench job)")
         ax.set_ylabel("FID")
-        ax.set_title("Speed / quality (squares: DiT baselines)", fontsize=10)
+        note = f"; hollow grey: img/s unreliable ({grey})" if grey else ""
+        ax.set_title(f"Speed / quality (squares: DiT baselines{note})", fontsize=10)
     else:
         ax.set_title("Speed / quality: needs FID and img/s (evaluate and bench stages)", fontsize=10)
     return _save(fig, out, "frontier")
 
 
 def speedup(steps: pd.DataFrame, out: Path) -> list[Path]:
+    """Ratios from the study's bench record: every run timed in one job, each figure over the same baseline's."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    per_step = steps.groupby(["step", "label", "model"], sort=False)["img_per_s"].mean().reset_index() \
-        if len(steps) else steps
-    base = per_step[[_is_baseline(m, lab) for m, lab in zip(per_step["model"], per_step["label"], strict=True)]] \
-        if len(per_step) else per_step
-    if len(base) and base["img_per_s"].notna().any():
-        ref = base.dropna(subset=["img_per_s"]).iloc[0]
-        ratio = per_step["img_per_s"] / ref["img_per_s"]
-        ax.barh(per_step["label"], ratio, color=["tab:red" if _is_baseline(m, lab) else "tab:blue"
-                                                 for m, lab in zip(per_step["model"], per_step["label"],
-                                                                   strict=True)])
+    have = steps.dropna(subset=["bench_ratio"]) if len(steps) and "bench_ratio" in steps else steps.iloc[0:0]
+    if len(have):
+        g = have.groupby(["step", "label", "model"], sort=False)
+        per_step = g["bench_ratio"].mean().reset_index()
+        per_step["unreliable"] = g["bench_reliable"].agg(lambda s: any(_unreliable(v) for v in s)).values
+        ref = str(have["bench_baseline"].dropna().iloc[0]) if have["bench_baseline"].notna().any() else "baseline"
+        base_bad = bool(per_step.loc[per_step["label"] == ref, "unreliable"].any())
+        # a ratio is as unreliable as either of its figures
+        bad = [u or base_bad for u in per_step["unreliable"]]
+        colours = ["tab:gray" if b else ("tab:red" if _is_baseline(m, lab) else "tab:blue")
+                   for b, m, lab in zip(bad, per_step["model"], per_step["label"], strict=True)]
+        labels = [f"{lab} (unreliable)" if b else lab for b, lab in zip(bad, per_step["label"], strict=True)]
+        bars = ax.barh(labels, per_step["bench_ratio"], color=colours)
+        for bar, b in zip(bars, bad, strict=True):
+            if b:
+                bar.set_hatch("///")
+                bar.set_alpha(0.5)
         ax.axvline(1.0, color="k", lw=0.8)
-        ax.set_xlabel(f"img/s relative to {ref['label']}")
-        ax.set_title("Throughput ratio to the DiT baseline", fontsize=10)
+        ax.set_xlabel(f"img/s relative to {ref} (one interleaved measurement)")
+        note = f"; hatched grey: unreliable ({sum(bad)})" if any(bad) else ""
+        ax.set_title(f"Throughput ratio to {ref}{note}", fontsize=10)
         ax.invert_yaxis()
     else:
-        ax.set_title("Throughput ratio: needs bench.json for a DiT baseline", fontsize=10)
+        ax.set_title("Throughput ratio: needs the study's bench record (bench stage)", fontsize=10)
     return _save(fig, out, "speedup")
 
 
