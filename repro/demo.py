@@ -119,7 +119,8 @@ def run(plans: list[Plan], root: Path, reports: Path, cluster: str = "local", po
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the background chains: one thread per job
     try:
         for plan in plans:
-            result = submit(plan, root, cluster)
+            # a demo cut short (Ctrl-C, a closed terminal) left its stages "running": running it again takes them up
+            result = submit(plan, root, cluster, retry_failed=True)
             queued[plan.study.study.study] = len(result.jobs)
     finally:
         if saved is None:

@@ -103,6 +103,17 @@ def run(loaded: LoadedStudy, root: Path, options: PilotOptions, log=print) -> di
     base = folder(root, study.study, options.device)
     started = time.perf_counter()
     models, built = [], {}
+
+    def write(complete: bool) -> dict:
+        # after every model too: a pilot cut short (a time limit, a killed shell) keeps the models it finished
+        record = {"study": study.study, "file": str(loaded.path), "device": options.device,
+                  "device_name": _device_name(options.device), "options": dataclasses.asdict(options),
+                  "models": models, "finished": complete, "seconds": round(time.perf_counter() - started, 1),
+                  "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        record["projection"] = project(loaded, record)
+        rundir.atomic_write_text(record_path(root, study.study, options.device), json.dumps(record, indent=2) + "\n")
+        return record
+
     for name in distinct.values():
         cfg = loaded.configs[name]
         log(f"pilot {study.study} / {name} ({cfg.model.name}) on {options.device}")
@@ -110,14 +121,9 @@ def run(loaded: LoadedStudy, root: Path, options: PilotOptions, log=print) -> di
         models.append(result)
         if model is not None:
             built[name] = model
+        write(complete=False)
     _bench_all(loaded, models, built, options, log)
-    record = {"study": study.study, "file": str(loaded.path), "device": options.device,
-              "device_name": _device_name(options.device), "options": dataclasses.asdict(options),
-              "models": models, "seconds": round(time.perf_counter() - started, 1),
-              "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    record["projection"] = project(loaded, record)
-    rundir.atomic_write_text(record_path(root, study.study, options.device), json.dumps(record, indent=2) + "\n")
-    return record
+    return write(complete=True)
 
 
 def _pilot_model(loaded: LoadedStudy, name: str, cfg: RunConfig, run_dir: Path, root: Path,
@@ -136,7 +142,7 @@ def _pilot_model(loaded: LoadedStudy, name: str, cfg: RunConfig, run_dir: Path, 
         pilot_cfg = dataclasses.replace(
             cfg, data=data,
             train=dataclasses.replace(cfg.train, steps=options.steps, global_batch=batch, ckpt_every=options.steps,
-                                      log_every=1, keep_last=2, num_workers=0),
+                                      log_every=1, keep_last=1, num_workers=0),
             sample=dataclasses.replace(cfg.sample, num_samples=batch, per_proc_batch=batch))
         stage = "train"
         out["train"] = _train(pilot_cfg, run_dir, options, log)
@@ -149,6 +155,7 @@ def _pilot_model(loaded: LoadedStudy, name: str, cfg: RunConfig, run_dir: Path, 
         out["extract"] = _extract(loaded, run_dir, out["sample"][-1]["file"], root, options, log)
         out["reached"] = "extract"
         model = _model_for_bench(run_dir)
+        shutil.rmtree(run_dir / "train" / "checkpoints")  # measured; an XL checkpoint is 11 GB of disk
     except Exception as e:  # noqa: BLE001 -- any failure is the stage's result, reported on one line
         text = str(e).strip().splitlines()[0] if str(e).strip() else ""
         out["failed"] = f"{stage} of {name} ({cfg.model.name}): {type(e).__name__}: {text}"[:400]

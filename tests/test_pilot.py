@@ -23,7 +23,7 @@ def test_pilot_of_a_tiny_study_and_the_plan_shows_its_projection(tmp_path, capsy
     out = capsys.readouterr().out
     assert code == 0, out
     record = json.loads((root / "pilot" / "tiny_dic_roadmap" / "cpu.json").read_text())
-    assert [m["step"] for m in record["models"]] == ["gelu", "dit"]
+    assert [m["step"] for m in record["models"]] == ["gelu", "dit"] and record["finished"]
     for m in record["models"]:
         assert m["reached"] == "bench" and m["failed"] is None
         assert m["train"]["resumed_at"] == 1 and m["train"]["steps"] == 2  # stopped half-way, then resumed
@@ -34,6 +34,7 @@ def test_pilot_of_a_tiny_study_and_the_plan_shows_its_projection(tmp_path, capsy
         assert s["steps_run"] == 2 and s["scaled"]  # over the (zero) budget: two steps timed, scaled to 20
         assert m["extract"]["img_per_s"] > 0 and m["bench"]["img_per_s"] > 0
         assert m["data"]["source"] == "the study's data"
+        assert not (root / "pilot" / "tiny_dic_roadmap" / "cpu" / m["step"] / "train" / "checkpoints").exists()
     p = record["projection"]
     assert not p["complete"] and not p["comparable"]  # two of nine steps piloted
     measured = [r for r in p["runs"] if r["measured"]]
