@@ -232,7 +232,6 @@ def _standin_vae(root: Path, log) -> Path:
 # ---------------------------------------------------------------------------------------------- stages
 def _train(cfg: RunConfig, run_dir: Path, options: PilotOptions, log) -> dict:
     """N steps through the trainer, stopped half-way as SIGUSR2 stops a job, then resumed."""
-    import torch
 
     from repro.train import Interrupted, train
 
@@ -253,20 +252,13 @@ def _train(cfg: RunConfig, run_dir: Path, options: PilotOptions, log) -> dict:
     steady = [m["steps_per_s"] for m in lines if m["step"] not in (1, resumed_at + 1)] or \
         [m["steps_per_s"] for m in lines]
     paths = rundir.RunPaths(run_dir)
-    ckpt = rundir.latest_checkpoint(paths)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    probe = ckpt.with_name(".pilot-write-probe.pt")
-    start = time.perf_counter()
-    rundir.save_atomic(state, probe)  # the trainer's own atomic write, timed here
-    write_s = time.perf_counter() - start
-    probe.unlink()
-    del state
+    writes = [json.loads(s) for s in (paths.train / "checkpoints.jsonl").read_text().splitlines() if s.strip()]
     return {"steps": options.steps, "resumed_at": resumed_at, "resume_launch_s": round(resumed_s, 2),
             "steps_per_s": float(np.median(steady)), "img_per_s": float(np.median(steady)) * cfg.train.global_batch,
             "loss_first": lines[0]["loss"], "loss_last": lines[-1]["loss"],
             "peak_mem_bytes": max(m.get("peak_mem_bytes") or 0 for m in lines),
             "peak_mem_kind": "CUDA max allocated" if options.device.startswith("cuda") else "process peak RSS",
-            "checkpoint_bytes": ckpt.stat().st_size, "checkpoint_write_s": round(write_s, 3),
+            "checkpoint_bytes": writes[-1]["bytes"], "checkpoint_write_s": max(w["write_s"] for w in writes),
             "switches": lines[-1].get("switches"), "data": json.loads((paths.train / "data.json").read_text())}
 
 
@@ -383,7 +375,8 @@ def _model_for_bench(run_dir: Path):
 
     from repro import models
 
-    state = torch.load(rundir.latest_checkpoint(rundir.RunPaths(run_dir)), map_location="cpu", weights_only=False)
+    state = torch.load(rundir.latest_checkpoint(rundir.RunPaths(run_dir)), map_location="cpu", weights_only=False,
+                       mmap=True)
     spec = state["model_spec"]
     model = models.build(spec["name"], **spec["kwargs"])
     model.load_state_dict(state["ema"])

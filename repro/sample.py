@@ -63,7 +63,7 @@ def sample(run_dir: str | Path, overrides: dict | None = None, progress: bool = 
                           f"so that it is kept)")
     env = distributed.init()
     device = env.device
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)  # reads only the weights used
     spec = state["model_spec"]
     model = models.build(spec["name"], **spec["kwargs"])
     model.load_state_dict(state["ema" if s.use_ema else "model"])

@@ -280,12 +280,17 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
                 raise TrainingDiverged(f"non-finite loss before step {step}; the checkpoint was not written; "
                                        f"last good checkpoint: {rundir.latest_checkpoint(paths) or 'none'}")
             if env.is_main:
+                writing = time.perf_counter()
                 rundir.save_atomic({
                     "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                     "scaler": scaler.state_dict(), "step": step, "data_position": step * t.global_batch,
                     "rng": _rng_state(), "world": env.world, "config_hash": config_hash(cfg), "model_spec": spec,
                     "config": to_dict(cfg),
                 }, paths.checkpoint(step))
+                # how long a checkpoint takes is what a preemption warning (signal_delay_s) must cover
+                rundir.append_line(paths.train / "checkpoints.jsonl", json.dumps({
+                    "step": step, "bytes": paths.checkpoint(step).stat().st_size,
+                    "write_s": round(time.perf_counter() - writing, 3)}))
                 rundir.prune_checkpoints(paths, t.keep_last, keep_steps)
             distributed.barrier(env)
         if stopping:
