@@ -75,6 +75,7 @@ def test_a_failing_stage_is_one_line_and_the_other_models_go_on(tmp_path, capsys
     assert "failed: train of gelu (DiC-XL)" in out
 
 
+@pytest.mark.slow
 def test_synthetic_latents_and_a_stand_in_vae_when_the_data_is_absent(tmp_path, capsys):
     """A latent study on a machine without its latents or VAE: synthetic latents of its shape and a VAE of
     sd-vae-ft-ema's architecture with random weights, each labelled."""
