@@ -16,6 +16,12 @@ import torch.distributed as dist
 DEVICE_ENV = "REPRO_DEVICE"  # "cpu": run on the CPU even where a GPU is visible (`repro pilot --device cpu`)
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work, so that a clock read next times it (a no-op on the CPU)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
 @dataclass(frozen=True)
 class DistEnv:
     rank: int

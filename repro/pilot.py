@@ -145,10 +145,10 @@ def _pilot_model(loaded: LoadedStudy, name: str, cfg: RunConfig, run_dir: Path, 
                                       log_every=1, keep_last=1, num_workers=0),
             sample=dataclasses.replace(cfg.sample, num_samples=batch, per_proc_batch=batch))
         stage = "train"
-        out["train"] = _train(pilot_cfg, run_dir, options, log)
+        out["train"] = _train(pilot_cfg, run_dir, options)
         out["reached"] = "train"
         stage = "sample"
-        out["sample"] = [_sample(run_dir, proto, options.batch or proto.per_proc_batch, options, log)
+        out["sample"] = [_sample(run_dir, proto, options.batch or proto.per_proc_batch, options)
                          for proto in loaded.samples]
         out["reached"] = "sample"
         stage = "extract"
@@ -230,7 +230,7 @@ def _standin_vae(root: Path, log) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- stages
-def _train(cfg: RunConfig, run_dir: Path, options: PilotOptions, log) -> dict:
+def _train(cfg: RunConfig, run_dir: Path, options: PilotOptions) -> dict:
     """N steps through the trainer, stopped half-way as SIGUSR2 stops a job, then resumed."""
 
     from repro.train import Interrupted, train
@@ -262,7 +262,7 @@ def _train(cfg: RunConfig, run_dir: Path, options: PilotOptions, log) -> dict:
             "switches": lines[-1].get("switches"), "data": json.loads((paths.train / "data.json").read_text())}
 
 
-def _sample(run_dir: Path, proto: SampleConfig, batch: int, options: PilotOptions, log) -> dict:
+def _sample(run_dir: Path, proto: SampleConfig, batch: int, options: PilotOptions) -> dict:
     """One batch of protocol `proto`: two respaced steps timed first (DDIM's respacing has no one-step stride); the
     full count when they say it fits the budget, else their time scaled to the study's steps."""
     full = len(_timesteps(proto))
@@ -305,8 +305,7 @@ def _timed_sample(run_dir: Path, overrides: dict, device: str) -> dict:
 
 def _extract(loaded: LoadedStudy, run_dir: Path, npz: str, root: Path, options: PilotOptions, log) -> dict:
     """The study's feature network on the pilot's samples, timed (stand-in weights where the real are absent)."""
-    import torch
-
+    from repro.distributed import synchronize
     from repro.metrics import extractors as ex
     from repro.metrics.reference import load_images
 
@@ -318,12 +317,10 @@ def _extract(loaded: LoadedStudy, run_dir: Path, npz: str, root: Path, options: 
     net, weights = _extractor(cfg, root, device, ex.classifier_resolution(images), log)
     with _device(device):
         net.extract(images[:cfg.batch_size], batch_size=cfg.batch_size)  # warm-up
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         net.extract(images, batch_size=cfg.batch_size)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        synchronize(device)
         seconds = time.perf_counter() - start
     return {"extractor": cfg.extractor, "weights": weights, "images": len(images), "batch": cfg.batch_size,
             "img_per_s": len(images) / seconds}

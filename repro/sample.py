@@ -137,20 +137,15 @@ def _sample_shard(k: int, out: Path, s: SampleConfig, labels: torch.Tensor, per_
     with torch.no_grad():
         z = loop(model_fn, noise.shape, noise=noise, clip_denoised=False, generator=gen, device=device,
                  progress=progress and env.is_main)
-        _sync(device)
+        distributed.synchronize(device)
         decoding = time.perf_counter()
         images = vae.decode(z) if vae is not None else to_uint8(z)
-        _sync(device)
+        distributed.synchronize(device)
     timing["sampler_s"] += decoding - started
     timing["decode_s"] += time.perf_counter() - decoding
     timing["shards"] += 1
     timing["images"] += len(y)
     _save_npz_atomic(out, images.cpu().numpy(), y.cpu().numpy())
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _save_npz_atomic(path: Path, images: np.ndarray, labels: np.ndarray) -> None:

@@ -257,8 +257,7 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
             if grad_norm is None:  # measured at log steps only when not clipping (it costs a pass)
                 grad_norm = torch.linalg.vector_norm(
                     torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            distributed.synchronize(device)
             elapsed = time.perf_counter() - window_start
             mean = distributed.all_mean(sums / window_steps, env)
             if not torch.isfinite(mean).all():

@@ -5,6 +5,12 @@ inputs pre-allocated on the device, t and y full-batch. Warm-up first, clocks re
 and the models of one comparison are timed interleaved (repeat 1 of every model, then repeat 2, ...) so that
 drift of the machine hits every arm alike; each model's figure is the median of its repeats.
 
+What one repeat's figure is depends on the device. On a GPU it is the repeat's `iters` forwards over their total
+time: kernels queue asynchronously, so only a block timed between two synchronisations counts what the GPU did.
+On a CPU a forward returns when it is done, so every forward is timed alone and the repeat's figure is its median
+forward: a forward stalled by a daemon waking or by the hypervisor taking the core (a shared VM does that several
+times a second) moves a sum by the stall but leaves a median alone. Both are recorded (`statistic`).
+
 TF32 flags are always set explicitly and recorded. Profiles: "strict_fp32" (matmul and cuDNN TF32 off, the
 default) and "torch_default" (matmul off, cuDNN on; what DiCo's unpinned code ran under).
 
@@ -28,6 +34,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
+
+from repro.distributed import synchronize
 
 FLAG_PROFILES = {"strict_fp32": dict(matmul_tf32=False, cudnn_tf32=False),
                  "torch_default": dict(matmul_tf32=False, cudnn_tf32=True)}
@@ -111,11 +119,6 @@ def _cpu_name() -> str:
 
 def _cpu_count() -> int | None:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
 
 
 def _attention_context(kind: str):
@@ -219,36 +222,44 @@ def measure(models: dict[str, nn.Module], settings: BenchSettings) -> dict:
         t = torch.randint(0, 1000, (n,), device=dev)
         y = torch.randint(0, model.num_classes, (n,), device=dev)
         inputs[name] = (x.contiguous(memory_format=fmt), t, y)
-    times: dict[str, list[float]] = {name: [] for name in models}
+    per_forward = not dev.startswith("cuda")  # see the module's docstring
+    rates: dict[str, list[float]] = {name: [] for name in models}
     windows: dict[str, list] = {name: [] for name in models}
     load_before = load_average()
     with torch.inference_mode(), _attention_context(settings.attention):
         for name, model in models.items():
             for _ in range(settings.warmup):
                 model(*inputs[name])
-        _sync(dev)
+        synchronize(dev)
         for _ in range(settings.repeats):
             for name, model in models.items():
-                _sync(dev)
+                synchronize(dev)
                 others = _Others()
-                start = time.perf_counter()
+                start = tick = time.perf_counter()
+                forwards = []
                 for _ in range(settings.iters):
                     model(*inputs[name])
-                _sync(dev)
+                    if per_forward:
+                        now = time.perf_counter()
+                        forwards.append(now - tick)
+                        tick = now
+                synchronize(dev)
                 wall = time.perf_counter() - start
                 windows[name].append(others.stop(wall))
-                times[name].append(wall)
+                rates[name].append(n / statistics.median(forwards) if per_forward else settings.iters * n / wall)
     load_after = load_average()
     rows = []
     for name in models:
-        rates = [settings.iters * n / s for s in times[name]]
-        rows.append(dict(model=name, img_per_s=statistics.median(rates), img_per_s_repeats=rates,
-                         input=list(inputs[name][0].shape[1:]), **_row_reliability(rates, windows[name])))
+        rows.append(dict(model=name, img_per_s=statistics.median(rates[name]), img_per_s_repeats=rates[name],
+                         input=list(inputs[name][0].shape[1:]), **_row_reliability(rates[name], windows[name])))
     base = rows[0]["img_per_s"]
     for row in rows:
         row["ratio_to_first"] = row["img_per_s"] / base
     reasons = [f"{r['model']}: {why}" for r in rows for why in r["reasons"]]
+    statistic = ("per repeat: batch / median of its forwards, each timed alone" if per_forward else
+                 "per repeat: iters x batch / the repeat's time between two synchronisations")
     return dict(protocol=dict(asdict(settings), timed="denoiser forward, t and y full-batch, inference_mode",
+                              statistic=statistic,
                               flags=flags, environment=environment(dev),
                               reliability_rule=dict(max_others_cpu_share=MAX_OTHERS_CPU_SHARE,
                                                     max_spread=MAX_SPREAD)),
