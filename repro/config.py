@@ -334,10 +334,16 @@ class BenchConfig:
     iters: int = 20
     repeats: int = 3
     channels_last: bool = False
+    # a CPU bench's intra-op threads (None: PyTorch's, one per core). On a shared VM, threads that must meet at
+    # every op's end wait for whichever core the hypervisor took: one thread makes ratios repeat
+    cpu_threads: int | None = None
     alone_wait_s: float = 4 * 3600
 
     def __post_init__(self):
         if min(self.batch, self.iters, self.repeats) < 1 or self.warmup < 0:
             raise ConfigError("batch, iters and repeats must be >= 1, warmup >= 0", key="batch")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ConfigError(f"must be >= 1 (or absent: PyTorch's default), got {self.cpu_threads}",
+                              key="cpu_threads")
         if self.alone_wait_s < 0:
             raise ConfigError(f"must be >= 0 seconds, got {self.alone_wait_s}", key="alone_wait_s")

@@ -237,7 +237,8 @@ def bench_study(root: Path, study: str, runs: list[Run], bench: BenchConfig, alo
     resolutions = {r.config.data.resolution for r in runs}
     settings = BenchSettings(batch=bench.batch, resolution=max(resolutions), device=device, dtype=bench.dtype,
                              flags=bench.flags, attention=bench.attention, warmup=bench.warmup, iters=bench.iters,
-                             repeats=bench.repeats, channels_last=bench.channels_last)
+                             repeats=bench.repeats, channels_last=bench.channels_last,
+                             cpu_threads=bench.cpu_threads)
     for r in runs:
         if timed[r.id] == r.id:
             torch.manual_seed(0)

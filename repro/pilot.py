@@ -392,7 +392,7 @@ def _bench_all(loaded: LoadedStudy, models: list[dict], built: dict, options: Pi
     resolution = next(iter(loaded.configs.values())).data.resolution
     settings = BenchSettings(batch=batch, resolution=resolution, device=options.device, dtype=b.dtype,
                              flags=b.flags, attention=b.attention, warmup=min(b.warmup, 2), iters=min(b.iters, 3),
-                             repeats=1)
+                             repeats=1, cpu_threads=b.cpu_threads)
     try:
         with _device(options.device):
             timed = measure({n: m.to(options.device, DTYPES[b.dtype]) for n, m in built.items()}, settings)

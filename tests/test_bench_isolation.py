@@ -130,6 +130,37 @@ def test_a_cpu_hog_beside_the_bench_marks_every_row_unreliable():
         assert any(r.startswith(f"{row['model']}: other processes used") for r in result["reasons"])
 
 
+def test_on_a_cpu_the_models_take_turns_forward_by_forward_on_the_threads_asked_for():
+    calls, threads = [], []
+    built = {}
+    for depth in (1, 2):
+        torch.manual_seed(0)
+        built[f"depth{depth}"] = models.build("DiT-S/2", input_size=16, in_channels=1, num_classes=10, hidden_size=32,
+                                              depth=depth, num_heads=2)
+        built[f"depth{depth}"].register_forward_hook(
+            lambda m, i, o, name=f"depth{depth}": (calls.append(name), threads.append(torch.get_num_threads())))
+    before = torch.get_num_threads()
+    settings = BenchSettings(batch=2, resolution=16, warmup=1, iters=3, repeats=2, cpu_threads=1)
+    result = measure(built, settings)
+    assert calls[:2] == ["depth1", "depth2"]  # warm-up, model by model
+    assert calls[2:] == ["depth1", "depth2"] * 6  # then 2 repeats x 3 rounds of one forward each
+    assert set(threads) == {1} and torch.get_num_threads() == before  # restored afterwards
+    assert result["protocol"]["cpu_threads"] == 1 and result["protocol"]["environment"]["threads"] == 1
+    assert "forward by forward" in result["protocol"]["statistic"]
+    assert all(len(r["img_per_s_repeats"]) == 2 for r in result["results"])
+    with pytest.raises(ValueError, match="cpu_threads"):
+        BenchSettings(cpu_threads=0)
+
+
+def test_a_study_bench_with_zero_threads_is_a_one_line_error(tmp_path, capsys):
+    study = tmp_path / "s.yaml"
+    study.write_text(f"extends: {ROOT / 'experiments/tiny/dic_roadmap.yaml'}\nstudy: t\n"
+                     "bench: {batch: 64, cpu_threads: 0}\n")
+    assert main(["plan", str(study)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cpu_threads" in err and "s.yaml" in err, err
+
+
 def _fake_stage(root: Path, run: str, stage: str, pid: int, host: str | None = None, **extra) -> None:
     """A state.json entry as a running job leaves it."""
     paths = rundir.RunPaths(root / "runs" / run)

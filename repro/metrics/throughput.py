@@ -5,11 +5,13 @@ inputs pre-allocated on the device, t and y full-batch. Warm-up first, clocks re
 and the models of one comparison are timed interleaved (repeat 1 of every model, then repeat 2, ...) so that
 drift of the machine hits every arm alike; each model's figure is the median of its repeats.
 
-What one repeat's figure is depends on the device. On a GPU it is the repeat's `iters` forwards over their total
-time: kernels queue asynchronously, so only a block timed between two synchronisations counts what the GPU did.
-On a CPU a forward returns when it is done, so every forward is timed alone and the repeat's figure is its median
-forward: a forward stalled by a daemon waking or by the hypervisor taking the core (a shared VM does that several
-times a second) moves a sum by the stall but leaves a median alone. Both are recorded (`statistic`).
+How a repeat is timed depends on the device (recorded as `statistic`). On a GPU, kernels queue asynchronously, so
+each model's `iters` forwards are one block timed between two synchronisations. On a CPU a forward returns when it
+is done, so the models take turns forward by forward and every forward is timed alone; a repeat's figure is the
+model's median forward. A forward stalled by a daemon or by the hypervisor moves a sum by the stall but leaves a
+median alone, and a neighbour on the host slowing the memory bus for a few seconds slows every model's forwards
+of those seconds, not one model's block. On the 2-core VM the tiny roadmap's ratios repeated within 6-11% across
+processes this way, against 12-24% with blocks of 10 forwards (`benchmarks/results/study-bench-repeat-*`).
 
 TF32 flags are always set explicitly and recorded. Profiles: "strict_fp32" (matmul and cuDNN TF32 off, the
 default) and "torch_default" (matmul off, cuDNN on; what DiCo's unpinned code ran under).
@@ -62,6 +64,7 @@ class BenchSettings:
     iters: int = 20
     repeats: int = 3
     channels_last: bool = False  # model and inputs in torch.channels_last (NHWC) memory format
+    cpu_threads: int | None = None  # torch's intra-op threads while timing on a CPU; None: PyTorch's default
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -77,6 +80,8 @@ class BenchSettings:
         for name in ("batch", "iters", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError("cpu_threads must be >= 1")
         if self.warmup < 0:
             raise ValueError("warmup must be >= 0")
 
@@ -203,12 +208,54 @@ def _row_reliability(rates: list[float], windows: list[tuple[float, float] | Non
     return out
 
 
+def _repeat_in_blocks(models, inputs, settings: BenchSettings, rates: dict, windows: dict) -> None:
+    """One repeat on a GPU: each model's `iters` forwards as one block between two synchronisations."""
+    for name, model in models.items():
+        synchronize(settings.device)
+        others = _Others()
+        start = time.perf_counter()
+        for _ in range(settings.iters):
+            model(*inputs[name])
+        synchronize(settings.device)
+        wall = time.perf_counter() - start
+        windows[name].append(others.stop(wall))
+        rates[name].append(settings.iters * settings.batch / wall)
+
+
+def _repeat_forward_by_forward(models, inputs, settings: BenchSettings, rates: dict, windows: dict) -> None:
+    """One repeat on a CPU: `iters` rounds of one forward of every model, each timed alone; a model's figure is
+    its median forward. Every model samples the same seconds of the machine, so what a neighbour on the host
+    does to the caches or the memory bus falls on all of them alike."""
+    forwards: dict[str, list[float]] = {name: [] for name in models}
+    others = _Others()
+    start = time.perf_counter()
+    for _ in range(settings.iters):
+        for name, model in models.items():
+            tick = time.perf_counter()
+            model(*inputs[name])
+            forwards[name].append(time.perf_counter() - tick)
+    window = others.stop(time.perf_counter() - start)
+    for name in models:
+        windows[name].append(window)
+        rates[name].append(settings.batch / statistics.median(forwards[name]))
+
+
 def measure(models: dict[str, nn.Module], settings: BenchSettings) -> dict:
     """Time each model's forward, interleaved; returns per-model img/s (median and repeats), the contention each
     row was timed under and whether it is reliable, the load before and after, and the protocol.
 
     Models must already be on `settings.device` in `settings.dtype`; the first model is the ratio's baseline.
     """
+    threads = torch.get_num_threads()
+    if settings.cpu_threads is not None and not settings.device.startswith("cuda"):
+        torch.set_num_threads(settings.cpu_threads)
+    try:
+        return _measure(models, settings)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(models: dict[str, nn.Module], settings: BenchSettings) -> dict:
     flags = apply_flags(settings)
     dev, dtype, n = settings.device, DTYPES[settings.dtype], settings.batch
     fmt = torch.channels_last if settings.channels_last else torch.contiguous_format
@@ -222,7 +269,6 @@ def measure(models: dict[str, nn.Module], settings: BenchSettings) -> dict:
         t = torch.randint(0, 1000, (n,), device=dev)
         y = torch.randint(0, model.num_classes, (n,), device=dev)
         inputs[name] = (x.contiguous(memory_format=fmt), t, y)
-    per_forward = not dev.startswith("cuda")  # see the module's docstring
     rates: dict[str, list[float]] = {name: [] for name in models}
     windows: dict[str, list] = {name: [] for name in models}
     load_before = load_average()
@@ -232,21 +278,10 @@ def measure(models: dict[str, nn.Module], settings: BenchSettings) -> dict:
                 model(*inputs[name])
         synchronize(dev)
         for _ in range(settings.repeats):
-            for name, model in models.items():
-                synchronize(dev)
-                others = _Others()
-                start = tick = time.perf_counter()
-                forwards = []
-                for _ in range(settings.iters):
-                    model(*inputs[name])
-                    if per_forward:
-                        now = time.perf_counter()
-                        forwards.append(now - tick)
-                        tick = now
-                synchronize(dev)
-                wall = time.perf_counter() - start
-                windows[name].append(others.stop(wall))
-                rates[name].append(n / statistics.median(forwards) if per_forward else settings.iters * n / wall)
+            if dev.startswith("cuda"):
+                _repeat_in_blocks(models, inputs, settings, rates, windows)
+            else:
+                _repeat_forward_by_forward(models, inputs, settings, rates, windows)
     load_after = load_average()
     rows = []
     for name in models:
@@ -256,8 +291,10 @@ def measure(models: dict[str, nn.Module], settings: BenchSettings) -> dict:
     for row in rows:
         row["ratio_to_first"] = row["img_per_s"] / base
     reasons = [f"{r['model']}: {why}" for r in rows for why in r["reasons"]]
-    statistic = ("per repeat: batch / median of its forwards, each timed alone" if per_forward else
-                 "per repeat: iters x batch / the repeat's time between two synchronisations")
+    statistic = ("per repeat: batch / the median of the model's forwards, each timed alone, the models taking "
+                 "turns forward by forward" if not dev.startswith("cuda") else
+                 "per repeat: iters x batch / the time of the model's block of iters forwards between two "
+                 "synchronisations, the models taking turns block by block")
     return dict(protocol=dict(asdict(settings), timed="denoiser forward, t and y full-batch, inference_mode",
                               statistic=statistic,
                               flags=flags, environment=environment(dev),
