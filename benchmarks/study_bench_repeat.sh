@@ -19,7 +19,7 @@ import sys
 
 a, b = (json.load(open(p)) for p in sys.argv[1:3])
 p = a["protocol"]
-print("protocol:", {k: p[k] for k in ("batch", "warmup", "iters", "repeats", "dtype", "device", "cpu_threads")})
+print("protocol:", {k: p[k] for k in ("batch", "warmup", "iters", "repeats", "dtype", "device", "cpu_threads", "fresh_processes")})
 print("statistic:", p["statistic"])
 print("machine:", {k: p["environment"].get(k) for k in ("cpu", "cpu_count", "threads", "torch")})
 print(f"{'step':18s}{'img/s 1':>9s}{'img/s 2':>9s}{'ratio 1':>9s}{'ratio 2':>9s}{'2/1':>7s}"

@@ -91,7 +91,8 @@ def cmd_bench(args) -> int:
         models.family(n)  # unknown names fail before any model is built
     settings = BenchSettings(batch=args.batch, resolution=args.resolution, device=args.device, dtype=args.dtype,
                              flags=args.flags, attention=args.attention, warmup=args.warmup, iters=args.iters,
-                             repeats=args.repeats, channels_last=args.channels_last, cpu_threads=args.cpu_threads)
+                             repeats=args.repeats, channels_last=args.channels_last, cpu_threads=args.cpu_threads,
+                             fresh_processes=args.fresh_processes)
     if settings.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available on this machine")
     built = {}
@@ -552,6 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true",
                    help="model and inputs in torch.channels_last memory format (NHWC)")
     p.add_argument("--cpu-threads", type=int, help="intra-op threads while timing on a CPU (default: PyTorch's)")
+    p.add_argument("--fresh-processes", action="store_true",
+                   help="on a CPU, each repeat in a new process (a process keeps one speed per model)")
     p.add_argument("--json", action="store_true", help="print the JSON report")
     p.add_argument("--out", help="also write the JSON report to this file (atomically)")
     p.set_defaults(func=cmd_bench)

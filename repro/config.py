@@ -337,6 +337,9 @@ class BenchConfig:
     # a CPU bench's intra-op threads (None: PyTorch's, one per core). On a shared VM, threads that must meet at
     # every op's end wait for whichever core the hypervisor took: one thread makes ratios repeat
     cpu_threads: int | None = None
+    # on a CPU, each repeat in a new process: a process draws one speed per model (where its buffers land) and
+    # keeps it, so repeats in one process agree with each other more than with the next job's
+    fresh_processes: bool = False
     alone_wait_s: float = 4 * 3600
 
     def __post_init__(self):

@@ -222,7 +222,7 @@ def bench_study(root: Path, study: str, runs: list[Run], bench: BenchConfig, alo
 
     from repro import models
     from repro.metrics.flops import COUNTING_TOOL, count
-    from repro.metrics.throughput import DTYPES, BenchSettings, measure
+    from repro.metrics.throughput import DTYPES, BenchSettings, measure, ratio_reliability, repeat_ratio
     from repro.train import model_spec
 
     if not runs:
@@ -238,7 +238,7 @@ def bench_study(root: Path, study: str, runs: list[Run], bench: BenchConfig, alo
     settings = BenchSettings(batch=bench.batch, resolution=max(resolutions), device=device, dtype=bench.dtype,
                              flags=bench.flags, attention=bench.attention, warmup=bench.warmup, iters=bench.iters,
                              repeats=bench.repeats, channels_last=bench.channels_last,
-                             cpu_threads=bench.cpu_threads)
+                             cpu_threads=bench.cpu_threads, fresh_processes=bench.fresh_processes)
     for r in runs:
         if timed[r.id] == r.id:
             torch.manual_seed(0)
@@ -262,14 +262,17 @@ def bench_study(root: Path, study: str, runs: list[Run], bench: BenchConfig, alo
             counted[timed[r.id]] = count(models.build_meta(spec["name"], **spec["kwargs"]))
         counts = counted[timed[r.id]]
         why = [*row["reasons"], *shared_reasons]
+        base_row = by_id[timed[base.id]]
+        ratio, ratio_spread = repeat_ratio(row["img_per_s_repeats"], base_row["img_per_s_repeats"])
+        ratio_why = [*ratio_reliability(row, base_row, ratio_spread), *shared_reasons]
         out_runs[r.id] = {
             "step": r.step, "label": r.label, "model": spec["name"], "model_kwargs": spec["kwargs"],
             "params": counts.params, "gmacs": counts.gmacs, "winograd_gmacs": counts.winograd_gmacs,
             "img_per_s": row["img_per_s"], "img_per_s_repeats": row["img_per_s_repeats"],
             "repeats": len(row["img_per_s_repeats"]), "input": row["input"], "spread": row["spread"],
             "others_cpu_share": row["others_cpu_share"], "others_cpu_share_repeats": row["others_cpu_share_repeats"],
-            "ratio_to_baseline": row["img_per_s"] / by_id[timed[base.id]]["img_per_s"],
-            "reliable": not why, "reasons": why, "timed_as": timed[r.id]}
+            "ratio_to_baseline": ratio, "ratio_spread": ratio_spread, "ratio_reliable": not ratio_why,
+            "ratio_reasons": ratio_why, "reliable": not why, "reasons": why, "timed_as": timed[r.id]}
     record = {"study": study, "measurement_id": uuid.uuid4().hex, "job_id": job_id, "baseline": base.id,
               "reliable": not reasons and not shared_reasons, "reasons": [*shared_reasons, *reasons],
               "runs": out_runs, "protocol": {**result["protocol"], "counting_tool": COUNTING_TOOL,

@@ -9,7 +9,8 @@ measured under another protocol than the paper's keeps its value but `protocol_m
 
 Params, GMACs and img/s come from the study's bench record (<results>/bench/<study>.json: all its runs timed in
 one job), with the ratio to its baseline (`bench_ratio`), and `bench_reliable` / `bench_note`: whether the figure
-was timed without contention, and if not, why.
+was timed without contention, and if not, why; `bench_ratio_reliable` is the ratio's own (its per-repeat ratios
+agree and neither row was contended).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ COLUMNS = ("study", "step", "label", "model", "switches", "seed", "run_id", "pap
            "img_per_s", "fid_label",
            "extractor", "reference", "sampler", "sampling_steps", "cfg_scale", "guide_channels", "num_samples",
            "labels", "paper_comparable", "protocol_differences", "bench_device", "bench_flags", "bench_ratio",
-           "bench_baseline", "bench_reliable", "bench_note", "bench_measurement")
+           "bench_baseline", "bench_reliable", "bench_ratio_reliable", "bench_note", "bench_measurement")
 
 
 def _read_json(path: Path) -> dict | None:
@@ -106,6 +107,8 @@ def _bench_columns(record: dict, run_id: str) -> dict:
     out.update(bench_device=env.get("gpu") or env.get("cpu"), bench_flags=(tp.get("flags") or {}).get("profile"),
                bench_ratio=row.get("ratio_to_baseline"), bench_baseline=base.get("label"),
                bench_reliable=bool(row.get("reliable")), bench_note="; ".join(row.get("reasons") or []),
+               # records written before ratios had their own rule: a ratio is as reliable as its img/s
+               bench_ratio_reliable=bool(row.get("ratio_reliable", row.get("reliable"))),
                bench_measurement=record.get("measurement_id"))
     return out
 
@@ -174,8 +177,9 @@ def by_step(df: pd.DataFrame) -> pd.DataFrame:
     states = g["state"].agg(lambda s: "done" if (s == "done").all() else ", ".join(sorted(set(s) - {"done"})))
     seeds = g["seed"].count().rename("seeds")
     reliable = g["bench_reliable"].agg(_all_reliable).rename("bench_reliable")
+    ratio_reliable = g["bench_ratio_reliable"].agg(_all_reliable).rename("bench_ratio_reliable")
     notes = g["bench_note"].agg(lambda s: "; ".join(dict.fromkeys(n for n in s if isinstance(n, str) and n)))
-    return pd.concat([out, std, count, seeds, first, states, reliable, notes], axis=1).reset_index()
+    return pd.concat([out, std, count, seeds, first, states, reliable, ratio_reliable, notes], axis=1).reset_index()
 
 
 def _all_reliable(values: pd.Series):

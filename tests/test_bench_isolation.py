@@ -5,6 +5,7 @@ and the report marks what is unreliable. Tiny models (DiT-S/2 at width 32, 16 px
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -17,7 +18,8 @@ import torch
 from repro import models, rundir
 from repro.cli import main
 from repro.launch import decide, read_state, running_here, submit, wait_alone
-from repro.metrics.throughput import MAX_OTHERS_CPU_SHARE, BenchSettings, measure
+from repro.metrics.throughput import (MAX_OTHERS_CPU_SHARE, BenchSettings, measure, ratio_reliability,
+                                     repeat_ratio)
 from repro.plan import expand, load_study
 from repro.results import collect
 
@@ -72,8 +74,10 @@ def test_one_job_times_every_run_and_rebenching_one_run_times_all_again(tmp_path
     base = rows[record["baseline"]]
     assert base["step"] == "dit" and base["ratio_to_baseline"] == 1.0
     for row in rows.values():
-        assert row["ratio_to_baseline"] == pytest.approx(row["img_per_s"] / base["img_per_s"])
+        per_repeat = [a / b for a, b in zip(row["img_per_s_repeats"], base["img_per_s_repeats"], strict=True)]
+        assert row["ratio_to_baseline"] == pytest.approx(statistics.median(per_repeat))  # repeat by repeat
         assert row["repeats"] == 2 and row["params"] > 0 and row["gmacs"] > 0
+        assert row["ratio_reliable"] == (not row["ratio_reasons"]) and row["ratio_spread"] >= 0
         for key in ("spread", "others_cpu_share", "others_cpu_share_repeats", "reliable", "reasons"):
             assert key in row, key
         twin = rows[row["timed_as"]]  # seeds share an architecture: timed once, the same figure
@@ -150,6 +154,32 @@ def test_on_a_cpu_the_models_take_turns_forward_by_forward_on_the_threads_asked_
     assert all(len(r["img_per_s_repeats"]) == 2 for r in result["results"])
     with pytest.raises(ValueError, match="cpu_threads"):
         BenchSettings(cpu_threads=0)
+
+
+def test_a_ratio_is_the_median_of_its_repeats_ratios_and_has_its_own_rule():
+    # the machine ran 30% slower in repeat 2: the img/s spread, the ratio does not
+    ratio, spread = repeat_ratio([200.0, 140.0, 202.0], [100.0, 70.0, 100.0])
+    assert ratio == pytest.approx(2.0) and spread == pytest.approx(0.02 / 2.0)
+    row = {"reasons": ["its repeats spread 31% ((max - min) / median; limit 10%)"]}
+    base = {"reasons": ["other processes used 42% of the machine's CPU during its repeats (limit 10%)"]}
+    assert ratio_reliability(row, row, spread) == []  # drift alone: the img/s are unreliable, the ratio is not
+    assert ratio_reliability(row, base, spread) == [f"its baseline: {base['reasons'][0]}"]
+    assert "ratios spread 50%" in ratio_reliability(row, row, 0.5)[0]
+
+
+def test_fresh_processes_time_each_repeat_in_a_new_process():
+    built = {}
+    for depth in (1, 2):
+        torch.manual_seed(0)
+        built[f"depth{depth}"] = models.build("DiT-S/2", input_size=16, in_channels=1, num_classes=10, hidden_size=32,
+                                              depth=depth, num_heads=2)
+    settings = BenchSettings(batch=2, resolution=16, warmup=1, iters=2, repeats=2, cpu_threads=1, fresh_processes=True)
+    result = measure(built, settings)
+    assert "each repeat in a fresh process" in result["protocol"]["statistic"]
+    assert result["protocol"]["fresh_processes"] is True and result["protocol"]["environment"]["threads"] == 1
+    for row in result["results"]:
+        assert len(row["img_per_s_repeats"]) == 2 and len(row["others_cpu_share_repeats"]) == 2
+    assert result["results"][0]["ratio_to_first"] == 1.0
 
 
 def test_a_study_bench_with_zero_threads_is_a_one_line_error(tmp_path, capsys):

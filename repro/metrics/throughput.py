@@ -27,6 +27,7 @@ measurement is reliable only when every row is, and the reasons are recorded bes
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import platform
 import resource
@@ -65,6 +66,7 @@ class BenchSettings:
     repeats: int = 3
     channels_last: bool = False  # model and inputs in torch.channels_last (NHWC) memory format
     cpu_threads: int | None = None  # torch's intra-op threads while timing on a CPU; None: PyTorch's default
+    fresh_processes: bool = False  # on a CPU, each repeat in a new process (see _repeats_in_fresh_processes)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -183,6 +185,27 @@ class _Others:
         return max(0.0, others), wall * end[1]
 
 
+def repeat_ratio(rates: list[float], base_rates: list[float]) -> tuple[float, float]:
+    """The ratio of two rows of one measurement and its spread: the median over repeats of the two figures'
+    ratio in that repeat. A repeat's two figures were timed in the same process and the same seconds, so what a
+    process or a minute of the machine does to both cancels; a ratio of the two medians would mix figures of
+    different repeats. On the 2-core VM, with fresh processes, these repeated within 2% across two measurements
+    while the img/s themselves spread 20-35% (benchmarks/results/study-bench-repeat-*)."""
+    per = [a / b for a, b in zip(rates, base_rates, strict=True)]
+    median = statistics.median(per)
+    return median, (max(per) - min(per)) / median if median > 0 else float("inf")
+
+
+def ratio_reliability(row: dict, base: dict, spread: float) -> list[str]:
+    """Why a ratio is unreliable (empty: it is reliable): other processes during either row's repeats, or a
+    spread of its per-repeat ratios over MAX_SPREAD. The machine's drift, which the img/s rule counts, cancels."""
+    reasons = [f"{'its baseline: ' if who is base else ''}{why}" for who in ((row, base) if row is not base else (row,))
+               for why in who["reasons"] if why.startswith("other processes")]
+    if spread > MAX_SPREAD:
+        reasons.append(f"its per-repeat ratios spread {spread:.0%} ((max - min) / median; limit {MAX_SPREAD:.0%})")
+    return reasons
+
+
 def _row_reliability(rates: list[float], windows: list[tuple[float, float] | None]) -> dict:
     """Spread of the repeats, others' CPU share over them, and whether the row passes the one rule."""
     median = statistics.median(rates)
@@ -246,17 +269,49 @@ def measure(models: dict[str, nn.Module], settings: BenchSettings) -> dict:
 
     Models must already be on `settings.device` in `settings.dtype`; the first model is the ratio's baseline.
     """
+    load_before = load_average()
+    if settings.fresh_processes and not settings.device.startswith("cuda"):
+        timed = _repeats_in_fresh_processes(models, settings)
+    else:
+        timed = _timed_here(models, settings)
+    return _result(settings, timed, load_before, load_average())
+
+
+def _timed_here(models: dict[str, nn.Module], settings: BenchSettings) -> dict:
+    """Every repeat in this process: {rates, windows, input shapes, flags, environment}."""
     threads = torch.get_num_threads()
     if settings.cpu_threads is not None and not settings.device.startswith("cuda"):
         torch.set_num_threads(settings.cpu_threads)
     try:
-        return _measure(models, settings)
+        flags = apply_flags(settings)
+        rates, windows, shapes = _time(models, settings)
+        return dict(rates=rates, windows=windows, shapes=shapes, flags=flags, environment=environment(settings.device))
     finally:
         torch.set_num_threads(threads)
 
 
-def _measure(models: dict[str, nn.Module], settings: BenchSettings) -> dict:
-    flags = apply_flags(settings)
+def _repeats_in_fresh_processes(models: dict[str, nn.Module], settings: BenchSettings) -> dict:
+    """Each repeat (its own warm-up, then `iters` rounds) in a new process, one after another.
+
+    On a CPU a process keeps one speed for a model: where its buffers land (cache sets, pages) is drawn once per
+    process, and on the 2-core VM the tiny DiT ran its forward in 84 ms in one process and 105-117 ms in others,
+    steady within each. Repeats inside one process share that draw; repeats in fresh processes sample it.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    one = dataclasses.replace(settings, repeats=1, fresh_processes=False)
+    parts = []
+    for _ in range(settings.repeats):
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            parts.append(pool.submit(_timed_here, models, one).result())
+    first = parts[0]
+    return dict(rates={n: [p["rates"][n][0] for p in parts] for n in models},
+                windows={n: [p["windows"][n][0] for p in parts] for n in models},
+                shapes=first["shapes"], flags=first["flags"], environment=first["environment"])
+
+
+def _time(models: dict[str, nn.Module], settings: BenchSettings) -> tuple[dict, dict, dict]:
     dev, dtype, n = settings.device, DTYPES[settings.dtype], settings.batch
     fmt = torch.channels_last if settings.channels_last else torch.contiguous_format
     inputs = {}
@@ -271,7 +326,6 @@ def _measure(models: dict[str, nn.Module], settings: BenchSettings) -> dict:
         inputs[name] = (x.contiguous(memory_format=fmt), t, y)
     rates: dict[str, list[float]] = {name: [] for name in models}
     windows: dict[str, list] = {name: [] for name in models}
-    load_before = load_average()
     with torch.inference_mode(), _attention_context(settings.attention):
         for name, model in models.items():
             for _ in range(settings.warmup):
@@ -282,22 +336,29 @@ def _measure(models: dict[str, nn.Module], settings: BenchSettings) -> dict:
                 _repeat_in_blocks(models, inputs, settings, rates, windows)
             else:
                 _repeat_forward_by_forward(models, inputs, settings, rates, windows)
-    load_after = load_average()
+    return rates, windows, {name: list(inputs[name][0].shape[1:]) for name in models}
+
+
+def _result(settings: BenchSettings, timed: dict, load_before, load_after) -> dict:
+    dev = settings.device
+    rates, windows = timed["rates"], timed["windows"]
     rows = []
-    for name in models:
+    for name in rates:
         rows.append(dict(model=name, img_per_s=statistics.median(rates[name]), img_per_s_repeats=rates[name],
-                         input=list(inputs[name][0].shape[1:]), **_row_reliability(rates[name], windows[name])))
-    base = rows[0]["img_per_s"]
+                         input=timed["shapes"][name], **_row_reliability(rates[name], windows[name])))
     for row in rows:
-        row["ratio_to_first"] = row["img_per_s"] / base
+        row["ratio_to_first"], row["ratio_spread"] = repeat_ratio(row["img_per_s_repeats"],
+                                                                  rows[0]["img_per_s_repeats"])
     reasons = [f"{r['model']}: {why}" for r in rows for why in r["reasons"]]
     statistic = ("per repeat: batch / the median of the model's forwards, each timed alone, the models taking "
                  "turns forward by forward" if not dev.startswith("cuda") else
                  "per repeat: iters x batch / the time of the model's block of iters forwards between two "
                  "synchronisations, the models taking turns block by block")
+    if settings.fresh_processes and not dev.startswith("cuda"):
+        statistic += "; each repeat in a fresh process, after its own warm-up"
     return dict(protocol=dict(asdict(settings), timed="denoiser forward, t and y full-batch, inference_mode",
                               statistic=statistic,
-                              flags=flags, environment=environment(dev),
+                              flags=timed["flags"], environment=timed["environment"],
                               reliability_rule=dict(max_others_cpu_share=MAX_OTHERS_CPU_SHARE,
                                                     max_spread=MAX_SPREAD)),
                 results=rows, reliable=not reasons, reasons=reasons,

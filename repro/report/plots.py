@@ -124,11 +124,15 @@ def speedup(steps: pd.DataFrame, out: Path) -> list[Path]:
     if len(have):
         g = have.groupby(["step", "label", "model"], sort=False)
         per_step = g["bench_ratio"].mean().reset_index()
-        per_step["unreliable"] = g["bench_reliable"].agg(lambda s: any(_unreliable(v) for v in s)).values
         ref = str(have["bench_baseline"].dropna().iloc[0]) if have["bench_baseline"].notna().any() else "baseline"
-        base_bad = bool(per_step.loc[per_step["label"] == ref, "unreliable"].any())
-        # a ratio is as unreliable as either of its figures
-        bad = [u or base_bad for u in per_step["unreliable"]]
+        if "bench_ratio_reliable" in have:
+            # the ratio's own rule (repro.metrics.throughput.ratio_reliability): contention on either row, or
+            # per-repeat ratios that spread; the drift of the machine that makes img/s unreliable cancels in it
+            bad = list(g["bench_ratio_reliable"].agg(lambda s: any(_unreliable(v) for v in s)).values)
+        else:
+            per_step["unreliable"] = g["bench_reliable"].agg(lambda s: any(_unreliable(v) for v in s)).values
+            base_bad = bool(per_step.loc[per_step["label"] == ref, "unreliable"].any())
+            bad = [u or base_bad for u in per_step["unreliable"]]  # as unreliable as either of its figures
         colours = ["tab:gray" if b else ("tab:red" if _is_baseline(m, lab) else "tab:blue")
                    for b, m, lab in zip(bad, per_step["model"], per_step["label"], strict=True)]
         labels = [f"{lab} (unreliable)" if b else lab for b, lab in zip(bad, per_step["label"], strict=True)]
