@@ -205,6 +205,13 @@ def test_local_cancel_stops_the_background_job(tmp_path):
     study = short_study(tmp_path, steps=100000)
     root = tmp_path / "results"
     out = _cli("submit", str(study), "--cluster", "local", "--only", "gelu", "--results", str(root))
+    try:
+        _cancel_and_check(study, root, out)
+    finally:  # a job the cancel missed would train 100,000 steps beside every later test
+        subprocess.run(["pkill", "-KILL", "-f", str(root)], capture_output=True)
+
+
+def _cancel_and_check(study: Path, root: Path, out) -> None:
     assert "queued 2 jobs on local" in out.stdout, out.stderr
     plan = expand(load_study(study))
     run = next(r for r in plan.runs if r.step == "gelu")

@@ -166,7 +166,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
 
 
 @needs_fashion
-@pytest.mark.parametrize("family", list(TINY))
+# DiC and DiCo take about 3 minutes each on 2 cores: slow (-m slow); DiT keeps the default run's check
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f in ("DiC", "DiCo") else f
+                                    for f in TINY])
 def test_tiny_models_learn_fashion_mnist(tmp_path, family):
     cfg = from_dict(RunConfig, yaml.safe_load(_config(tmp_path, family, steps=300, global_batch=32, lr=1e-3,
                                                           ckpt_every=300, log_every=10, ema_decay=0.999).read_text()))
