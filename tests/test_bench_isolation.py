@@ -111,12 +111,17 @@ def test_one_job_times_every_run_and_rebenching_one_run_times_all_again(tmp_path
         assert history == ["submitted", "running", "done"] * 2, history
 
 
-def test_a_cpu_hog_beside_the_bench_marks_every_row_unreliable():
+def _two_tiny_dits() -> dict:
     built = {}
     for depth in (1, 2):
         torch.manual_seed(0)
         built[f"depth{depth}"] = models.build("DiT-S/2", input_size=16, in_channels=1, num_classes=10, hidden_size=32,
                                               depth=depth, num_heads=2)
+    return built
+
+
+def test_a_cpu_hog_beside_the_bench_marks_every_row_unreliable():
+    built = _two_tiny_dits()
     settings = BenchSettings(batch=4, resolution=16, warmup=1, iters=4, repeats=2, channels_last=True)
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
@@ -136,13 +141,10 @@ def test_a_cpu_hog_beside_the_bench_marks_every_row_unreliable():
 
 def test_on_a_cpu_the_models_take_turns_forward_by_forward_on_the_threads_asked_for():
     calls, threads = [], []
-    built = {}
-    for depth in (1, 2):
-        torch.manual_seed(0)
-        built[f"depth{depth}"] = models.build("DiT-S/2", input_size=16, in_channels=1, num_classes=10, hidden_size=32,
-                                              depth=depth, num_heads=2)
-        built[f"depth{depth}"].register_forward_hook(
-            lambda m, i, o, name=f"depth{depth}": (calls.append(name), threads.append(torch.get_num_threads())))
+    built = _two_tiny_dits()
+    for name, model in built.items():
+        model.register_forward_hook(
+            lambda m, i, o, name=name: (calls.append(name), threads.append(torch.get_num_threads())))
     before = torch.get_num_threads()
     settings = BenchSettings(batch=2, resolution=16, warmup=1, iters=3, repeats=2, cpu_threads=1)
     result = measure(built, settings)
@@ -168,11 +170,7 @@ def test_a_ratio_is_the_median_of_its_repeats_ratios_and_has_its_own_rule():
 
 
 def test_fresh_processes_time_each_repeat_in_a_new_process():
-    built = {}
-    for depth in (1, 2):
-        torch.manual_seed(0)
-        built[f"depth{depth}"] = models.build("DiT-S/2", input_size=16, in_channels=1, num_classes=10, hidden_size=32,
-                                              depth=depth, num_heads=2)
+    built = _two_tiny_dits()
     settings = BenchSettings(batch=2, resolution=16, warmup=1, iters=2, repeats=2, cpu_threads=1, fresh_processes=True)
     result = measure(built, settings)
     assert "each repeat in a fresh process" in result["protocol"]["statistic"]

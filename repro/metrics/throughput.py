@@ -10,8 +10,9 @@ each model's `iters` forwards are one block timed between two synchronisations. 
 is done, so the models take turns forward by forward and every forward is timed alone; a repeat's figure is the
 model's median forward. A forward stalled by a daemon or by the hypervisor moves a sum by the stall but leaves a
 median alone, and a neighbour on the host slowing the memory bus for a few seconds slows every model's forwards
-of those seconds, not one model's block. On the 2-core VM the tiny roadmap's ratios repeated within 6-11% across
-processes this way, against 12-24% with blocks of 10 forwards (`benchmarks/results/study-bench-repeat-*`).
+of those seconds, not one model's block. With each repeat in a fresh process and ratios taken repeat by repeat
+(`repeat_ratio`), the demo's ratios repeated within 6.0% and 8.3% between two runs on the 2-core VM, against
+10.6-17.5% with blocks of 10 forwards in one process (`benchmarks/results/*-bench-repeat-*`).
 
 TF32 flags are always set explicitly and recorded. Profiles: "strict_fp32" (matmul and cuDNN TF32 off, the
 default) and "torch_default" (matmul off, cuDNN on; what DiCo's unpinned code ran under).
@@ -189,8 +190,7 @@ def repeat_ratio(rates: list[float], base_rates: list[float]) -> tuple[float, fl
     """The ratio of two rows of one measurement and its spread: the median over repeats of the two figures'
     ratio in that repeat. A repeat's two figures were timed in the same process and the same seconds, so what a
     process or a minute of the machine does to both cancels; a ratio of the two medians would mix figures of
-    different repeats. On the 2-core VM, with fresh processes, these repeated within 2% across two measurements
-    while the img/s themselves spread 20-35% (benchmarks/results/study-bench-repeat-*)."""
+    different repeats."""
     per = [a / b for a, b in zip(rates, base_rates, strict=True)]
     median = statistics.median(per)
     return median, (max(per) - min(per)) / median if median > 0 else float("inf")
@@ -199,8 +199,10 @@ def repeat_ratio(rates: list[float], base_rates: list[float]) -> tuple[float, fl
 def ratio_reliability(row: dict, base: dict, spread: float) -> list[str]:
     """Why a ratio is unreliable (empty: it is reliable): other processes during either row's repeats, or a
     spread of its per-repeat ratios over MAX_SPREAD. The machine's drift, which the img/s rule counts, cancels."""
-    reasons = [f"{'its baseline: ' if who is base else ''}{why}" for who in ((row, base) if row is not base else (row,))
-               for why in who["reasons"] if why.startswith("other processes")]
+    def contended(r: dict) -> list[str]:
+        return [why for why in r["reasons"] if why.startswith("other processes")]
+
+    reasons = contended(row) + ([f"its baseline: {why}" for why in contended(base)] if base is not row else [])
     if spread > MAX_SPREAD:
         reasons.append(f"its per-repeat ratios spread {spread:.0%} ((max - min) / median; limit {MAX_SPREAD:.0%})")
     return reasons
