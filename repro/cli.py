@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -89,10 +90,14 @@ def cmd_bench(args) -> int:
         raise UsageError(f"--models: a model is named twice: {args.models}")
     for n in names:
         models.family(n)  # unknown names fail before any model is built
-    settings = BenchSettings(batch=args.batch, resolution=args.resolution, device=args.device, dtype=args.dtype,
-                             flags=args.flags, attention=args.attention, warmup=args.warmup, iters=args.iters,
-                             repeats=args.repeats, channels_last=args.channels_last, cpu_threads=args.cpu_threads,
-                             fresh_processes=args.fresh_processes)
+    try:
+        settings = BenchSettings(batch=args.batch, resolution=args.resolution, device=args.device,
+                                 dtype=args.dtype, flags=args.flags, attention=args.attention, warmup=args.warmup,
+                                 iters=args.iters, repeats=args.repeats, channels_last=args.channels_last,
+                                 cpu_threads=args.cpu_threads, fresh_processes=args.fresh_processes)
+    except ValueError as e:  # the settings name their field (cpu_threads=0 ...); the user typed its option
+        field = re.match(r"\w+", str(e)).group(0)
+        raise UsageError(f"--{field.replace('_', '-')}: {str(e)[len(field):].lstrip('= ')}") from None
     if settings.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available on this machine")
     built = {}

@@ -46,6 +46,7 @@ from repro.yamlio import Where, from_dict, read_yaml
 CLUSTERS = ("slurm", "local", "debug")
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
           "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
+CANCEL_GRACE_S = 10.0  # how long a cancelled local job has to stop by itself before its processes are killed
 
 
 # ---------------------------------------------------------------------------------------------- profiles
@@ -429,6 +430,65 @@ def scheduler_states(job_ids: list[str], cluster: str) -> dict[str, str]:
     return out
 
 
+def _proc_identity(pid: int) -> tuple[int, str] | None:
+    """(parent pid, start time) of a live process, None if it is gone or a zombie: the start time tells a pid
+    from a later process that reuses it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
+    return None if fields[0] == "Z" else (int(fields[1]), fields[19])
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """Every live process below `pid`, with its start time."""
+    children: dict[int, list[int]] = {}
+    starts: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (ident := _proc_identity(int(entry.name))):
+            children.setdefault(ident[0], []).append(int(entry.name))
+            starts[int(entry.name)] = ident[1]
+    out, todo = {}, list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        out[p] = starts[p]
+        todo += children.get(p, [])
+    return out
+
+
+def stop_local(pid: int, grace_s: float = CANCEL_GRACE_S) -> list[int]:
+    """Stop a local job and everything it started; returns the pids that had to be killed.
+
+    SIGINT first: submitit's controller then interrupts its tasks and SIGKILLs them a second later. That is not
+    enough alone: a task installs submitit's handler that ignores SIGTERM (SLURM's warning before a kill), and a
+    SIGINT that lands while the controller is starting a task leaves that task unknown to it, training on as an
+    orphan. So the whole tree, gathered while the controller lives, is SIGKILLed after `grace_s`."""
+    ident = _proc_identity(pid)
+    if ident is None:
+        return []
+    tree = {pid: ident[1], **_descendants(pid)}
+
+    def alive() -> dict[int, str]:
+        return {p: t for p, t in tree.items() if (i := _proc_identity(p)) and i[1] == t}
+
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGINT)
+    deadline = time.monotonic() + grace_s
+    while alive() and time.monotonic() < deadline:
+        if pid in alive():
+            tree.update(_descendants(pid))
+        time.sleep(0.05)
+    if pid in alive():
+        tree.update(_descendants(pid))
+    killed = []
+    for p in alive():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+            killed.append(p)
+    return killed
+
+
 def _local_alive(job_id: str) -> bool:
     """A local job id is the pid of submitit's controller: alive only if that pid still runs the controller."""
     try:
@@ -775,8 +835,7 @@ def cancel(plan: Plan, root: Path, only: tuple[str, ...] = ()) -> list[dict]:
             if cluster == "slurm":
                 subprocess.run(["scancel", jid], capture_output=True, timeout=60)
             elif cluster == "local" and _local_alive(jid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(jid), signal.SIGINT)  # submitit's local cancel: the controller stops its tasks
+                stop_local(int(jid))
             record(root, run.id, name, "cancelled", job_id=jid)
             out.append({"run": run.id, "step": run.step, "stage": name, "job_id": jid})
     return out
@@ -801,4 +860,4 @@ def job_view(plan: Plan, root: Path) -> dict[str, dict[str, dict]]:
 
 __all__ = ["CLUSTERS", "Chain", "Decision", "Profile", "StageJob", "StudyBench", "Submission", "cancel", "decide",
            "job_view", "load_profile", "parse_time", "read_state", "record", "running_here", "sbatch_text",
-           "scheduler_states", "submit", "wait_alone"]
+           "scheduler_states", "stop_local", "submit", "wait_alone"]

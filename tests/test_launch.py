@@ -14,7 +14,7 @@ import torch
 
 from repro.cli import main
 from repro.errors import ConfigError
-from repro.launch import Profile, decide, load_profile, parse_time, read_state, sbatch_text, submit
+from repro.launch import Profile, decide, load_profile, parse_time, read_state, sbatch_text, stop_local, submit
 from repro.plan import expand, load_study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,8 +223,59 @@ def _cancel_and_check(study: Path, root: Path, out) -> None:
     jid = read_state(root, run.id)["stages"]["train"]["job_id"]
     _wait(lambda: not Path(f"/proc/{jid}").exists() or b"zombie" in Path(f"/proc/{jid}/status").read_bytes().lower(),
           30, "the controller to exit")
+    assert _running_with(str(root)) == [], "a process of the cancelled job still runs"
     again = _cli("submit", str(study), "--cluster", "local", "--only", "gelu", "--results", str(root))
     assert "queued 0 jobs" in again.stdout and "--retry-failed" in again.stdout
+
+
+def _running_with(text: str) -> list[int]:
+    """Live processes whose command line names `text` (zombies excluded)."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if (proc.name.isdigit() and text.encode() in (proc / "cmdline").read_bytes()
+                    and (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"):
+                out.append(int(proc.name))
+        except OSError:
+            pass
+    return out
+
+
+# A controller that stops on SIGINT without stopping its task, and a task that ignores SIGINT and SIGTERM: what
+# submitit leaves behind when the SIGINT lands while it starts the task, and what its SIGTERM handler does.
+_STUBBORN = """
+import signal, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c",
+    "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+    " print('ready', flush=True); time.sleep(600)  # {tag}"], stdout=sys.stdout)
+time.sleep(600)
+"""
+
+
+def test_stop_local_kills_a_task_that_outlives_its_controller(tmp_path):
+    tag = f"stubborn-{tmp_path.name}"
+    out = tmp_path / "out.txt"
+    with out.open("w") as f:
+        parent = subprocess.Popen([sys.executable, "-c", _STUBBORN.replace("{tag}", tag)], stdout=f)
+    try:
+        _wait(lambda: "ready" in out.read_text(), 30, "the task to start")
+        child = [p for p in _running_with(tag) if p != parent.pid]
+        assert len(child) == 1
+        started = time.monotonic()
+        killed = stop_local(parent.pid, grace_s=1.0)
+        assert parent.wait(timeout=10) == -signal.SIGINT
+        assert killed == child and time.monotonic() - started < 5
+        _wait(lambda: _running_with(tag) == [], 10, "the task to die")
+    finally:
+        subprocess.run(["pkill", "-KILL", "-f", tag], capture_output=True)
+
+
+def test_stop_local_leaves_a_job_that_stops_by_itself(tmp_path):
+    job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    started = time.monotonic()
+    assert stop_local(job.pid, grace_s=5.0) == []  # SIGINT ends it; nothing left to kill
+    assert job.wait(timeout=5) != 0 and time.monotonic() - started < 3
+    assert stop_local(job.pid) == []  # gone (a zombie until reaped): nothing to do
 
 
 @needs_fashion
