@@ -463,7 +463,8 @@ def stop_local(pid: int, grace_s: float = CANCEL_GRACE_S) -> list[int]:
     SIGINT first: submitit's controller then interrupts its tasks and SIGKILLs them a second later. That is not
     enough alone: a task installs submitit's handler that ignores SIGTERM (SLURM's warning before a kill), and a
     SIGINT that lands while the controller is starting a task leaves that task unknown to it, training on as an
-    orphan. So the whole tree, gathered while the controller lives, is SIGKILLed after `grace_s`."""
+    orphan, and a controller started from a shell's background job inherits SIGINT ignored and never stops. So
+    the whole tree, gathered while the controller lives, is SIGKILLed after `grace_s`."""
     ident = _proc_identity(pid)
     if ident is None:
         return []

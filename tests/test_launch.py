@@ -245,6 +245,7 @@ def _running_with(text: str) -> list[int]:
 # submitit leaves behind when the SIGINT lands while it starts the task, and what its SIGTERM handler does.
 _STUBBORN = """
 import signal, subprocess, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job starts with SIGINT ignored
 child = subprocess.Popen([sys.executable, "-c",
     "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); signal.signal(signal.SIGTERM, signal.SIG_IGN);"
     " print('ready', flush=True); time.sleep(600)  # {tag}"], stdout=sys.stdout)
@@ -271,7 +272,8 @@ def test_stop_local_kills_a_task_that_outlives_its_controller(tmp_path):
 
 
 def test_stop_local_leaves_a_job_that_stops_by_itself(tmp_path):
-    job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    job = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                            "signal.signal(signal.SIGINT, signal.default_int_handler); time.sleep(600)"])
     started = time.monotonic()
     assert stop_local(job.pid, grace_s=5.0) == []  # SIGINT ends it; nothing left to kill
     assert job.wait(timeout=5) != 0 and time.monotonic() - started < 3
