@@ -139,7 +139,10 @@ def cmd_bench(args) -> int:
 def cmd_train(args) -> int:
     from repro.config import load_run_config
     from repro.train import TrainingDiverged, train
+    from repro.yamlio import read_yaml
 
+    if not read_yaml(args.config)[0]:  # all defaults would train DiT-XL/2 for 400K steps: surely not what was meant
+        raise UsageError(f"{args.config}: empty run config (name at least its model, data and train settings)")
     cfg = load_run_config(args.config)
     try:
         last = train(cfg, args.out, progress=False if args.no_progress else None)
@@ -180,7 +183,9 @@ def cmd_extract_latents(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- plan / status
-def _load_plan(args):
+def _load_plan(args, save_checks: bool = True):
+    """The study's plan and results root. `save_checks`: remember the model checks under the results root (not for
+    a command that must write nothing, a dry run, nor before a command has done its work, `plan`)."""
     from repro.modelcheck import model_checks
     from repro.plan import expand, last_study, load_study, results_root
 
@@ -188,15 +193,18 @@ def _load_plan(args):
     path = Path(args.study) if args.study else last_study(root)
     checks = model_checks(root / ".cache" / "model-checks.json")
     plan = expand(load_study(path))
-    checks.save()
+    if save_checks:
+        checks.save()
     return plan, root
 
 
 def cmd_plan(args) -> int:
+    from repro.modelcheck import model_checks
     from repro.plan import plan_json, remember
 
-    plan, root = _load_plan(args)
+    plan, root = _load_plan(args, save_checks=False)
     data = plan_json(plan, root)
+    model_checks().save()  # only once the plan is whole: a failing plan writes nothing
     remember(plan.study.path, root)
     if args.json:
         _print_json(data)
@@ -253,13 +261,22 @@ def _print_cost(plan, root: Path, data: dict, console) -> None:
 def cmd_status(args) -> int:
     from repro.launch import job_view
     from repro.plan import plan_json
+    from repro.results import damaged_outputs
 
     plan, root = _load_plan(args)
     data = plan_json(plan, root)
     jobs = job_view(plan, root)
-    for r in data["runs"]:
+    damaged = []  # (run, file and why): a damaged file marks its run and stage, and the other runs are shown
+    for run, r in zip(plan.runs, data["runs"], strict=True):
+        broken = damaged_outputs(run, root)
         for st in r["stages"]:
             st.update(jobs[r["id"]].get(st["name"], {}))
+            if st["name"] in broken:
+                st.update(state="damaged", damaged=str(broken[st["name"]]))
+        notes = list(dict.fromkeys(st["damaged"] for st in r["stages"] if st.get("damaged")))
+        if notes:
+            r["status"] = "damaged"
+            damaged += [(r, n) for n in notes]
     if args.json:
         _print_json({"study": data["study"], "runs": [
             {"id": r["id"], "step": r["step"], "status": r["status"], "stages": r["stages"]} for r in data["runs"]]})
@@ -273,7 +290,11 @@ def cmd_status(args) -> int:
             loss = f"{st['loss']:.4f}" if st.get("loss") is not None else ""
             eta = f"{st['eta_s'] / 3600:.1f} h" if st.get("eta_s") else ""
             table.add_row(r["step"], r["id"], st["name"], st["state"], _job_cell(st), progress, loss, eta)
-    _console().print(table)
+    console = _console()
+    console.print(table)
+    for r, note in damaged:
+        console.print(f"damaged: {r['step']} ({r['id']}): {note}; `repro submit` redoes it", markup=False,
+                      highlight=False)
     return 0
 
 
@@ -281,6 +302,8 @@ def _job_cell(st: dict) -> str:
     """`cluster job-id: state` where a job was submitted (the scheduler's view when it still knows the job)."""
     if not st.get("job"):
         return "–"
+    if st["job"] == "damaged":
+        return "unknown: state.json damaged"
     state = (st.get("scheduler") or st["job"]).lower()
     jid = f" {st['job_id']}" if st.get("job_id") else ""
     tries = f" (attempt {st['attempts']})" if st.get("attempts", 0) > 1 else ""
@@ -291,7 +314,7 @@ def cmd_submit(args) -> int:
     from repro.launch import load_profile, submit
     from repro.plan import remember
 
-    plan, root = _load_plan(args)
+    plan, root = _load_plan(args, save_checks=not args.dry_run)  # a dry run writes nothing
     profile = load_profile(args.profile) if args.profile else None
     cluster = args.cluster or (profile.cluster if profile else "local")
     if profile and profile.cluster != cluster:
@@ -316,6 +339,8 @@ def cmd_submit(args) -> int:
         counts[d.action] = counts.get(d.action, 0) + 1
         if d.action in ("failed", "blocked"):
             console.print(f"{d.run.step} {d.stage.name}: {d.action}: {d.detail}", markup=False, highlight=False)
+        elif d.action == "submit" and d.damaged:
+            console.print(f"{d.run.step} {d.stage.name}: redone: {d.damaged}", markup=False, highlight=False)
     verb = "would queue" if args.dry_run else "queued"
     rest = ", ".join(f"{n} {a}" for a, n in counts.items() if a != "submit")
     console.print(f"{plan.study.study.study}: {verb} {len(result.jobs)} jobs on {cluster}"
@@ -685,12 +710,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    """A message on one line: a newline inside a value it quotes (a key, a label) is shown escaped."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import yaml
+
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except (UsageError, ValueError) as e:
-        print(f"repro: error: {e}", file=sys.stderr)
+        print(f"repro: error: {_one_line(str(e))}", file=sys.stderr)
+        return EXIT_USAGE
+    except yaml.YAMLError as e:  # the loaders turn theirs into ConfigError with the file; this names the line
+        mark = getattr(e, "problem_mark", None)
+        name = "" if mark is None or mark.name.startswith("<") else f"{mark.name}:"  # "<unicode string>": no file
+        where = f"{name}line {mark.line + 1}: " if mark is not None else ""
+        print(f"repro: error: {_one_line(where + 'not valid YAML (' + str(getattr(e, 'problem', None) or e) + ')')}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        # A file the user named or pointed us at (a results root, --out) that cannot be read or written: one line
+        # naming it. An OSError without a file is not about user input: its traceback shows where it came from.
+        if e.filename is None:
+            raise
+        other = f" -> {e.filename2}" if getattr(e, "filename2", None) else ""
+        print(f"repro: error: {_one_line(f'{e.filename}{other}: {e.strerror or e}')}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,16 +22,49 @@ from typing import Any, Literal
 import yaml
 
 from repro.errors import ConfigError
-from repro.yamlio import Where, from_dict, read_yaml
+from repro.yamlio import Where, _show, check_ranges, check_text, from_dict, read_yaml
 
 
 # ----------------------------------------------------------------------------------------------- schema
+# Bounds of the numbers a config holds. Each is far beyond any real run, and low enough that a typo (an extra
+# exponent, a sign) is an error at load instead of a job that trains forever, fills the memory or flips the
+# gradients. Every bound is checked in the __post_init__ of the dataclass that holds the field.
+MAX_STEPS = 10**9             # training steps (DiT-XL/2's longest run is 7M)
+MAX_BATCH = 2**20             # images in one global or per-process batch
+MAX_SEED = 2**32 - 1          # seeds are combined into 63-bit seeds (repro.train.seed_for); keep them plain
+MAX_SIZE = 2**20              # model widths, depths, heads, classes, ...
+MAX_SAMPLES = 10**7           # images of one sample set (FID-50K is the protocol)
+
+# Model switches that count something (channels, blocks, heads, classes, pixels): a zero or negative one is a
+# shape error deep inside the constructor, so they are refused at load with the file and line.
+POSITIVE_SWITCHES = ("width", "depths", "depth", "hidden_size", "embed_dim", "num_heads", "mlp_ratio", "input_size",
+                     "in_channels", "patch_size", "num_classes", "dw_kernel", "se_reduction", "attn_head_dim",
+                     "skip_stride", "shared_embed_width")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """A preset of `repro.models.PRESETS` and switch overrides (validated by the registry)."""
+    """A preset of `repro.models.PRESETS` and switch overrides (validated by the registry, which builds them; here
+    only their form and the counts of `POSITIVE_SWITCHES`)."""
 
     name: str = "DiT-XL/2"
     overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        check_text(self.name, "name", limit=64)
+        for key, value in self.overrides.items():
+            check_text(key, "overrides", limit=64)
+            items = value if isinstance(value, tuple) else (value,)
+            for v in items:
+                if not (v is None or isinstance(v, bool | int | float | str)):
+                    raise ConfigError(f"expected a number, string, true/false or a list of them, got {_show(value)}",
+                                      key=f"overrides.{key}")
+                if isinstance(v, str):
+                    check_text(v, f"overrides.{key}", limit=64)
+                elif isinstance(v, int | float) and not isinstance(v, bool):
+                    low = 1 if key in POSITIVE_SWITCHES else 0
+                    if not (low <= v <= MAX_SIZE):  # also false for NaN
+                        raise ConfigError(f"must be in [{low}, {MAX_SIZE}], got {_show(value)}", key=f"overrides.{key}")
 
 
 @dataclass(frozen=True)
@@ -41,20 +75,40 @@ class DiffusionConfig:
     diffusion_steps: int = 1000
     learn_sigma: bool = True
 
+    def __post_init__(self):
+        check_ranges(self, diffusion_steps=(2, 100_000))
+        if not self.learn_sigma:  # every model family outputs 2C channels (eps and the sigma interpolation)
+            raise ConfigError("false is not supported: every model predicts a learned-range sigma (DiT's 2C "
+                              "output channels)", key="learn_sigma")
+
 
 # 28 px padded to 32, or that 2x2-averaged to 16 (a quarter of the compute, for the CPU demo)
 FASHION_MNIST_RESOLUTIONS = (32, 16)
 
 
+# Horizontal flips when `data.flip` is unset: DiT's ImageNet loader always flips (RandomHorizontalFlip); the
+# Fashion-MNIST CPU runs keep a deterministic pixel set (their golden tests); latents hold the flip in the extracted
+# set itself (`repro extract-latents`), so the option does not apply to them.
+DEFAULT_FLIP = {"fashion_mnist": False, "imagenet_folder": True, "latents": False}
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    """Training data. `kind` picks the dataset; `path` None means the kind's default location."""
+    """Training data. `kind` picks the dataset; `path` None means the kind's default location; `flip` None means the
+    kind's protocol (`DEFAULT_FLIP`), resolved here so a run's identity and config.yaml hold the flag it uses."""
 
     kind: Literal["fashion_mnist", "imagenet_folder", "latents"] = "fashion_mnist"
     path: str | None = None
     resolution: int = 32
-    flip: bool = False
+    flip: bool | None = None
     vae: str | None = None  # local diffusers AutoencoderKL folder (sd-vae-ft-ema) for latent data
+
+    def __post_init__(self):
+        if self.flip is None:
+            object.__setattr__(self, "flip", DEFAULT_FLIP[self.kind])  # frozen: set once, here, at construction
+        check_ranges(self, resolution=(8, 4096))
+        check_text(self.path, "path")
+        check_text(self.vae, "vae")
 
 
 @dataclass(frozen=True)
@@ -91,6 +145,15 @@ class TrainConfig:
     log_every: int = 100
     num_workers: int = 2
 
+    def __post_init__(self):
+        check_ranges(self, steps=(1, MAX_STEPS), global_batch=(1, MAX_BATCH), betas=(0, 0.999999),
+                     weight_decay=(0, 10), warmup_steps=(0, MAX_STEPS), ema_decay=(0, 1), seed=(0, MAX_SEED),
+                     ckpt_every=(1, MAX_STEPS), keep_last=(1, 10**6), log_every=(1, MAX_STEPS), num_workers=(0, 1024))
+        if not 0 < self.lr <= 1:  # also false for NaN
+            raise ConfigError(f"must be > 0 and <= 1, got {self.lr}", key="lr")
+        if self.grad_clip is not None and not 0 < self.grad_clip <= 1e6:  # a negative norm flips the gradients
+            raise ConfigError(f"must be > 0 (or absent: no clipping), got {self.grad_clip}", key="grad_clip")
+
 
 @dataclass(frozen=True)
 class SampleConfig:
@@ -110,10 +173,11 @@ class SampleConfig:
     tf32_cudnn: bool = True
 
     def __post_init__(self):
-        if self.cfg_scale < 1:
-            raise ConfigError(f"must be >= 1, got {self.cfg_scale}", key="cfg_scale")
-        if self.num_samples < 1 or self.per_proc_batch < 1:
-            raise ConfigError("num_samples and per_proc_batch must be >= 1", key="num_samples")
+        check_ranges(self, num_samples=(1, MAX_SAMPLES), cfg_scale=(1, 100), guide_channels=(1, 64),
+                     seed=(0, MAX_SEED), per_proc_batch=(1, MAX_BATCH))
+        # the spec names the sample files (protocol_id): "250", "25,25,50" or "ddim50", nothing else
+        if not (len(self.steps) <= 64 and re.fullmatch(r"(ddim)?[0-9]+(,[0-9]+)*", self.steps)):
+            raise ConfigError(f"expected '250', '25,25,50' or 'ddim50', got {_show(self.steps)}", key="steps")
 
 
 @dataclass(frozen=True)
@@ -127,14 +191,7 @@ class RunConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self):
-        t = self.train
-        for name in ("steps", "global_batch", "ckpt_every", "keep_last", "log_every"):
-            if getattr(t, name) < 1:
-                raise ConfigError(f"must be >= 1, got {getattr(t, name)}", key=f"train.{name}")
-        if self.diffusion.diffusion_steps < 2:
-            raise ConfigError(f"must be >= 2, got {self.diffusion.diffusion_steps}", key="diffusion.diffusion_steps")
-        if t.lr <= 0 or not 0 <= t.ema_decay <= 1 or t.warmup_steps < 0 or t.num_workers < 0:
-            raise ConfigError("lr must be > 0, ema_decay in [0, 1], warmup_steps and num_workers >= 0", key="train")
+        # each part checks its own fields' bounds; here only what spans two parts
         if self.data.kind == "fashion_mnist" and self.data.resolution not in FASHION_MNIST_RESOLUTIONS:
             raise ConfigError(f"Fashion-MNIST comes at {' or '.join(map(str, FASHION_MNIST_RESOLUTIONS))}, "
                               f"got {self.data.resolution}", key="data.resolution")
@@ -183,7 +240,11 @@ def load_run_record(path: Path) -> RunConfig | None:
     """The config a run folder's config.yaml holds, or None when the folder holds no run yet."""
     if not path.exists():
         return None
-    return from_dict(RunConfig, yaml.safe_load(path.read_text())["config"], Where(str(path)))
+    data, _ = read_yaml(path)  # unreadable or not YAML: ConfigError naming the file and line
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+        raise ConfigError(f"{path}: damaged run record (empty, or no 'config' mapping): `repro train` writes it; "
+                          f"restore it from the run's checkpoints or train into a new folder")
+    return from_dict(RunConfig, data["config"], Where(str(path)))
 
 
 def protocol_id(s: SampleConfig) -> str:
@@ -203,9 +264,15 @@ def sample_stems(pid: str, checkpoints: tuple[int, ...] = ()) -> list[str]:
 
 
 def load_run_config(path: str | Path) -> RunConfig:
-    """Read a run config file strictly; ConfigError names file:line: dotted.key on any mistake."""
+    """Read a run config file strictly; ConfigError names file:line: dotted.key on any mistake, the model's
+    included (it is built on the meta device, as a study's are)."""
+    from repro.modelcheck import model_checks  # modelcheck imports this module
+
     data, lines = read_yaml(path)
-    return resolve_tf32(from_dict(RunConfig, data, Where(str(path), lines)))
+    where = Where(str(path), lines)
+    cfg = from_dict(RunConfig, data, where)
+    family = model_checks().check(cfg, where, "model")["model"]["family"]
+    return resolve_tf32(cfg, family)
 
 
 # ----------------------------------------------------------------------------------------------- runs
@@ -293,8 +360,11 @@ class EvalConfig:
     def __post_init__(self):
         if not self.metrics:
             raise ConfigError("name at least one metric", key="metrics")
-        if self.batch_size < 1 or any(c < 1 for c in self.checkpoints):
-            raise ConfigError("batch_size and checkpoint steps must be >= 1", key="checkpoints")
+        check_ranges(self, batch_size=(1, MAX_BATCH), checkpoints=(1, MAX_STEPS))
+        if len(self.checkpoints) > 1000:
+            raise ConfigError(f"at most 1000 intermediate checkpoints, got {len(self.checkpoints)}", key="checkpoints")
+        for name in ("reference", "inception", "classifier"):
+            check_text(getattr(self, name), name)
 
     @property
     def reference_spec(self) -> str:
@@ -350,3 +420,5 @@ class BenchConfig:
                               key="cpu_threads")
         if self.alone_wait_s < 0:
             raise ConfigError(f"must be >= 0 seconds, got {self.alone_wait_s}", key="alone_wait_s")
+        check_ranges(self, batch=(1, MAX_BATCH), warmup=(0, 10**6), iters=(1, 10**6), repeats=(1, 1000),
+                     cpu_threads=(1, 4096), alone_wait_s=(0, 30 * 86400))

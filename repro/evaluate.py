@@ -120,13 +120,13 @@ def evaluate_file(samples: Path, cfg: EvalConfig, cache: Path, extractor: ex.Ext
     if not samples.exists():
         raise ConfigError(f"{samples}: no such samples file or folder")
     spec = cfg.reference_spec  # a missing reference fails before any weights are loaded
-    images = load_images(samples)
+    images = _sample_images(samples)
+    sidecar = samples.with_suffix(".json")
+    sample = _sidecar(sidecar) if sidecar.is_file() else {}
     extractor = extractor or build_extractor(cfg, cache, log, ex.classifier_resolution(images))
     reference = load_reference(spec, extractor, cache, set(cfg.metrics), cfg.batch_size, cfg.pr_distances)
     started = time.perf_counter()
     values, missing = score(images, reference, extractor, cfg.metrics, cfg.batch_size)
-    sidecar = samples.with_suffix(".json")
-    sample = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
     n = len(images)
     labels = {m: f"{NAMES[m]}-{count_label(n)}" if m in ("fid", "sfid") else NAMES[m] for m in cfg.metrics}
     labels = {m: f"{v} ({extractor.label})" for m, v in labels.items()}
@@ -150,6 +150,22 @@ def evaluate_file(samples: Path, cfg: EvalConfig, cache: Path, extractor: ex.Ext
             "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
+def _sample_images(samples: Path) -> np.ndarray:
+    """The images to score; ConfigError naming the file when it holds none (no statistic of 0 images exists)."""
+    images = load_images(samples)
+    if len(images) == 0:
+        raise ConfigError(f"{samples}: holds 0 images (arr_0 has shape {tuple(images.shape)}); nothing to evaluate")
+    return images
+
+
+def _sidecar(path: Path) -> dict:
+    """The sampling protocol beside a samples npz (samples/<stem>.json); DamagedFile naming it if unreadable."""
+    record = rundir.read_json_file(path)
+    if not isinstance(record, dict):
+        raise rundir.DamagedFile(path, f"holds a JSON {type(record).__name__}, not a sampling protocol")
+    return record
+
+
 def build_extractor(cfg: EvalConfig, cache: Path, log=print, resolution: int = 32) -> ex.Extractor:
     """The configured extractor; `resolution` picks the Fashion-MNIST classifier trained at the samples' size."""
     import torch
@@ -169,7 +185,9 @@ def _version(pkg: str) -> str | None:
 # ---------------------------------------------------------------------------------------------- runs
 def evaluate_run(run_dir: Path, sample: SampleConfig, cfg: EvalConfig, cache: Path, log=print) -> list[Path]:
     """Score every sample set of `sample` in the run (final and intermediate checkpoints); resumable: a set whose
-    eval file exists for the same samples is not scored again."""
+    eval file exists for the same samples is not scored again (a damaged one is scored again and replaced)."""
+    from repro.results import read_eval
+
     run_dir = Path(run_dir)
     out, extractor = [], None
     cfg.reference_spec  # noqa: B018 -- a study without a reference fails here, before any weights are loaded
@@ -179,11 +197,16 @@ def evaluate_run(run_dir: Path, sample: SampleConfig, cfg: EvalConfig, cache: Pa
         if not npz.is_file():
             raise ConfigError(f"{npz}: not sampled yet (the sample stage writes it)")
         if current_eval(target):
-            if json.loads(target.read_text())["protocol"].get("samples_sha256") == ex.sha256_file(npz):
+            try:
+                kept = read_eval(target)["protocol"].get("samples_sha256") == ex.sha256_file(npz)
+            except rundir.DamagedFile as e:
+                log(f"{e}: scoring again")
+                kept = False
+            if kept:
                 out.append(target)
                 continue
         if extractor is None:  # one extractor for the run's sample sets, which share one image size
-            extractor = build_extractor(cfg, cache, log, ex.classifier_resolution(load_images(npz)))
+            extractor = build_extractor(cfg, cache, log, ex.classifier_resolution(_sample_images(npz)))
         record = evaluate_file(npz, cfg, cache, extractor, log)
         record["protocol"]["eval_config"] = dataclasses.asdict(cfg)
         rundir.atomic_write_text(target, json.dumps(record, indent=2) + "\n")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -41,7 +42,8 @@ from repro import rundir
 from repro.config import BenchConfig, EvalConfig, RunConfig, SampleConfig, protocol_id
 from repro.errors import ConfigError, did_you_mean
 from repro.plan import Plan, Run, Stage, stage_states
-from repro.yamlio import Where, from_dict, read_yaml
+from repro.study import MAX_TIME_MIN, parse_time
+from repro.yamlio import Where, _show, check_ranges, check_text, from_dict, read_yaml
 
 CLUSTERS = ("slurm", "local", "debug")
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
@@ -79,38 +81,43 @@ class Profile:
         for name in ("time_min", "signal_delay_s", "max_num_timeout", "cpus_per_task", "mem_gb", "gpus_per_node"):
             if (getattr(self, name) or 0) < 0:
                 raise ConfigError(f"must be >= 0, got {getattr(self, name)}", key=name)
+        check_ranges(self, time_min=(0, MAX_TIME_MIN), cpus_per_task=(0, 4096), mem_gb=(0, 2**20),
+                     gpus_per_node=(0, 64), signal_delay_s=(0, 86400), max_num_timeout=(0, 10**4))
+        # Everything below lands in the job script. A newline would start a line of its own there (another
+        # #SBATCH option, or a command); option names are not quoted by submitit, so they are plain words.
+        for name in ("partition", "preempt_partition", "account", "qos", "constraint"):
+            check_text(getattr(self, name), name, limit=256)
+        for i, line in enumerate(self.setup):
+            check_text(line, f"setup.{i}")
+        for key, value in self.additional.items():
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,63}", key):
+                raise ConfigError(f"not an sbatch option name (letters, digits, '-' and '_'), got {_show(key)}",
+                                  key="additional")
+            if isinstance(value, str):
+                check_text(value, f"additional.{key}", limit=1024)
+            elif isinstance(value, float) and not math.isfinite(value) or not isinstance(value, str | int | float):
+                raise ConfigError(f"expected a string, a number or true, got {_show(value)}", key=f"additional.{key}")
 
 
 def load_profile(path: str | Path) -> Profile:
+    """Read a cluster profile strictly; ConfigError names file:line: key on any mistake, an empty file included."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such profile")
     data, lines = read_yaml(path)
-    if data is None:
-        raise ConfigError(f"{path}: the profile is empty")
+    if not data:  # read_yaml gives {} for an empty file; a profile with nothing in it is a mistake
+        raise ConfigError(f"{path}: the profile is empty (see slurm/profiles/example.yaml)")
     return from_dict(Profile, data, Where(str(path), lines))
-
-
-def parse_time(text: str) -> int:
-    """SLURM time (`MM`, `HH:MM:SS`, `D-HH:MM:SS`, `D-HH`) in minutes, rounded up."""
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
-    if not m:
-        raise ValueError(f"not a SLURM time: {text!r}")
-    days, a, b, c = (int(g) if g else None for g in m.groups())
-    if days is None and b is None:
-        return a                                   # MM
-    if days is not None and b is None:
-        seconds = days * 86400 + a * 3600          # D-HH
-    elif c is None:
-        seconds = (days or 0) * 86400 + (a * 3600 + b * 60 if days is not None else a * 60 + b)  # D-HH:MM or MM:SS
-    else:
-        seconds = (days or 0) * 86400 + a * 3600 + b * 60 + c
-    return -(-seconds // 60)
 
 
 # ---------------------------------------------------------------------------------------------- state.json
 def read_state(root: Path, run_id: str) -> dict:
-    return rundir.read_state(rundir.RunPaths(root / "runs" / run_id))
+    """A run's state.json. The launcher never stops on a damaged one: it answers an empty record with `damaged`
+    naming the file (so no stage counts as queued or running), and the next `record` moves the file aside."""
+    try:
+        return rundir.read_state(rundir.RunPaths(root / "runs" / run_id))
+    except rundir.DamagedFile as e:
+        return {"run": run_id, "stages": {}, "damaged": str(e)}
 
 
 def record(root: Path, run_id: str, stage: str, state: str, **fields) -> dict:
@@ -507,6 +514,7 @@ class Decision:
     action: str          # submit | done | active | failed | blocked
     detail: str = ""
     job_id: str | None = None
+    damaged: str | None = None   # a damaged file of the run behind this decision, named (shown by submit)
 
 
 def _requests(stage: Stage, run: Run, plan: Plan, profile: Profile) -> dict:
@@ -548,20 +556,26 @@ def select(plan: Plan, only: tuple[str, ...] = ()) -> list[Run]:
 
 def decide(plan: Plan, root: Path, cluster: str, retry_failed: bool = False,
            only: tuple[str, ...] = ()) -> list[Decision]:
-    """What to do with each stage of the selected runs, from the run folders, state.json and the scheduler."""
+    """What to do with each stage of the selected runs, from the run folders, state.json and the scheduler. A
+    stage whose output file is damaged is not done (it is submitted again); a damaged state.json counts as no job
+    record (its stages are submitted unless done) and is moved aside when the new jobs are recorded."""
+    from repro.results import damaged_outputs
+
     runs = select(plan, only)
     states = {r.id: read_state(root, r.id) for r in runs}
     sched = _live_jobs(states, cluster)
     out: list[Decision] = []
     for run in runs:
         disk = stage_states(run, root)
+        broken = {name: str(e) for name, e in damaged_outputs(run, root).items()}
         mine: dict[str, Decision] = {}
         for stage in run.stages:
             entry = states[run.id]["stages"].get(stage.name, {})
             if stage.name == "bench" and entry.get("study") not in (None, run.study):
                 entry = {}  # a shared run last timed by another study's bench: that job is not this study's
             jid = entry.get("job_id")
-            if disk[stage.name]["state"] == "done":
+            damaged = broken.get(stage.name) or states[run.id].get("damaged")
+            if disk[stage.name]["state"] == "done" and stage.name not in broken:
                 d = Decision(run, stage, "done", job_id=jid)
             elif entry.get("state") in LIVE and sched.get(jid) in ACTIVE:
                 d = Decision(run, stage, "active", sched[jid].lower(), job_id=jid)
@@ -569,7 +583,7 @@ def decide(plan: Plan, root: Path, cluster: str, retry_failed: bool = False,
                 why = entry.get("error") or sched.get(jid, "").lower() or entry.get("state")
                 d = Decision(run, stage, "failed", f"{why} (--retry-failed resubmits)", job_id=jid)
             else:
-                d = Decision(run, stage, "submit")
+                d = Decision(run, stage, "submit", damaged=damaged)
             parents = [mine[p] for p in stage.after if p in mine]
             if d.action == "submit" and any(p.action in ("failed", "blocked") for p in parents):
                 d = Decision(run, stage, "blocked", "waits on a stage that cannot run")
@@ -815,10 +829,16 @@ def _dry_run(todo: list[Decision], plan: Plan, root: Path, profile: Profile) -> 
 
 
 def sbatch_text(folder: Path, name: str, params: dict, profile: Profile) -> str:
-    """The sbatch script submitit would write for these parameters (shown by --dry-run)."""
+    """The sbatch script submitit would write for these parameters (shown by --dry-run); needs no SLURM command on
+    PATH, so a study is previewed on a laptop."""
+    from unittest import mock
+
     from submitit.slurm.slurm import SlurmExecutor
 
-    ex = _executor("slurm", folder, name, dict(params), profile)
+    # submitit refuses to build a SlurmExecutor where `srun` is missing (its affinity check), though writing the
+    # script runs no SLURM command; building it with the check answered keeps the text exactly what submit sends
+    with mock.patch.object(SlurmExecutor, "affinity", classmethod(lambda cls: 2)):
+        ex = _executor("slurm", folder, name, dict(params), profile)
     slurm_ex = ex._executor
     assert isinstance(slurm_ex, SlurmExecutor)
     return slurm_ex._make_submission_file_text(slurm_ex._submitit_command_str, "dryrun")
@@ -850,6 +870,11 @@ def job_view(plan: Plan, root: Path) -> dict[str, dict[str, dict]]:
     out: dict[str, dict[str, dict]] = {}
     for rid, stages in states.items():
         out[rid] = {}
+        if full[rid].get("damaged"):  # which jobs ran is unknown: every stage says so, naming the file
+            run = next(r for r in plan.runs if r.id == rid)
+            out[rid] = {s.name: {"job": "damaged", "job_id": None, "cluster": None, "attempts": 0,
+                                 "damaged": full[rid]["damaged"]} for s in run.stages}
+            continue
         for name, e in stages.items():
             view = {"job": e.get("state"), "job_id": e.get("job_id"), "cluster": e.get("cluster"),
                     "attempts": e.get("attempts", 0)}

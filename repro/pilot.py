@@ -368,12 +368,10 @@ class _StandIn:
 
 def _model_for_bench(run_dir: Path):
     """The pilot run's denoiser rebuilt from its checkpoint's spec (random weights would time the same)."""
-    import torch
-
     from repro import models
 
-    state = torch.load(rundir.latest_checkpoint(rundir.RunPaths(run_dir)), map_location="cpu", weights_only=False,
-                       mmap=True)
+    state = rundir.load_checkpoint(rundir.latest_checkpoint(rundir.RunPaths(run_dir)),
+                                   {"model_spec": dict, "ema": dict}, mmap=True)
     spec = state["model_spec"]
     model = models.build(spec["name"], **spec["kwargs"])
     model.load_state_dict(state["ema"])

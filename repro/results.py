@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from repro import rundir
-from repro.config import protocol_id, sample_stems
+from repro.config import current_eval, protocol_id, sample_stems
 from repro.precision import departures
 from repro.plan import Plan, Run, stage_states
 
@@ -33,7 +33,7 @@ PAPER_METRICS = {"fid": "fid", "is": "is", "sfid": "sfid", "precision": "precisi
                  "gmacs": "gflops", "winograd_gmacs": "winograd_gflops", "params_m": "params_m",
                  "img_per_s": "img_per_s", "train_steps_per_s": "train_steps_per_s"}
 COLUMNS = ("study", "step", "label", "model", "switches", "seed", "run_id", "paper_rows", "protocol", "stem",
-           "checkpoint_step", "state", "steps_trained", "train_steps", "gpu_hours_planned", "wall_hours",
+           "checkpoint_step", "state", "damaged", "steps_trained", "train_steps", "gpu_hours_planned", "wall_hours",
            "gpu_hours_spent", "train_steps_per_s", *METRICS, "params", "params_m", "gmacs", "winograd_gmacs",
            "img_per_s", "fid_label",
            "extractor", "reference", "sampler", "sampling_steps", "cfg_scale", "guide_channels", "num_samples",
@@ -41,18 +41,72 @@ COLUMNS = ("study", "step", "label", "model", "switches", "seed", "run_id", "pap
            "bench_baseline", "bench_reliable", "bench_ratio_reliable", "bench_note", "bench_measurement")
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+def read_eval(path: Path) -> dict:
+    """An eval record (eval/<stem>.<tag>.json) holding every part a report reads; DamagedFile naming the file when
+    it does not (a torn or zeroed write, or another structure), so that its score is never silently missing."""
+    record = rundir.read_json_file(path)
+    if not isinstance(record, dict):
+        raise rundir.DamagedFile(path, f"holds a JSON {type(record).__name__}, not an eval record")
+    for key in ("metrics", "labels", "protocol", "paper_protocol"):
+        if not isinstance(record.get(key), dict):
+            raise rundir.DamagedFile(path, f"no {key!r} mapping")
+    odd = [m for m, v in record["metrics"].items() if v is not None and (isinstance(v, bool) or
+                                                                         not isinstance(v, (int, float)))]
+    if odd:
+        raise rundir.DamagedFile(path, f"metric {odd[0]!r} is not a number")
+    pp = record["paper_protocol"]
+    if not isinstance(pp.get("comparable"), bool) or not isinstance(pp.get("differences"), list) or \
+            not all(isinstance(d, str) for d in pp["differences"]):
+        raise rundir.DamagedFile(path, "'paper_protocol' lacks 'comparable' or its list of 'differences'")
+    return record
+
+
+def damaged_outputs(run: Run, root: Path) -> dict[str, rundir.DamagedFile]:
+    """Per stage of the run, the first of its output files that exists but is damaged (eval records): such a stage
+    is not done, whatever its files' presence says (`status` shows it damaged, `submit` redoes it)."""
+    paths = rundir.RunPaths(root / "runs" / run.id)
+    out: dict[str, rundir.DamagedFile] = {}
+    if run.evaluation is None or not (paths.root / "eval").is_dir():
+        return out
+    for stage in run.stages:
+        if not stage.name.startswith("evaluate:"):
+            continue
+        for stem in sample_stems(stage.name.split(":", 1)[1], run.checkpoints):
+            path = paths.eval_file(stem, run.evaluation.tag)
+            if not path.exists():
+                continue
+            try:
+                rundir.read_json_file(path)  # unparseable: damaged, whoever wrote it
+                if current_eval(path):  # a record of an older evaluator is stale (run again), not damaged
+                    read_eval(path)
+            except rundir.DamagedFile as e:
+                out[stage.name] = e
+                break
+    return out
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """train/metrics.jsonl as records ([] before the first logged step). A line that is not a complete record (a
+    torn append: appends are not atomic) is skipped with a warning naming the file and line."""
+    if not path.exists():
+        return []
+    out = []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool):
+            out.append(record)
+        else:
+            rundir.warn(f"{path}:{n}: torn record skipped (not a complete JSON line with a step)")
+    return out
 
 
 def _metrics(paths: rundir.RunPaths) -> list[dict]:
-    """train/metrics.jsonl as records ([] before the first logged step)."""
-    if not paths.metrics.exists():
-        return []
-    return [json.loads(line) for line in paths.metrics.read_text().splitlines() if line.strip()]
+    return read_metrics(paths.metrics)
 
 
 def _training(paths: rundir.RunPaths) -> tuple[int, float]:
@@ -92,8 +146,18 @@ def _state(run_states: dict, jobs: dict, stages: list[str], done: bool) -> str:
 
 def bench_record(plan: Plan, root: Path) -> dict | None:
     """The study's bench record (all its runs timed in one job), or None before its bench has run."""
-    record = _read_json(rundir.bench_record(root, plan.study.study.study))
-    return record if isinstance(record, dict) and isinstance(record.get("runs"), dict) else None
+    path = rundir.bench_record(root, plan.study.study.study)
+    if not path.exists():
+        return None
+    try:
+        record = rundir.read_json_file(path)
+        if not isinstance(record, dict) or not isinstance(record.get("runs"), dict) or \
+                not all(isinstance(r, dict) for r in record["runs"].values()):
+            raise rundir.DamagedFile(path, "not a bench record: no 'runs' mapping")
+    except rundir.DamagedFile as e:  # the bench stage redoes it (plan.benched_runs finds no run in it)
+        rundir.warn(f"{e}; its throughput figures are left out")
+        return None
+    return record
 
 
 def _bench_columns(record: dict, run_id: str) -> dict:
@@ -123,7 +187,12 @@ def collect(plan: Plan, root: Path) -> pd.DataFrame:
         paths = rundir.RunPaths(root / "runs" / run.id)
         exists = paths.root.is_dir()
         run_states = stage_states(run, root) if exists else {}
-        jobs = rundir.read_state(paths)["stages"] if exists else {}
+        jobs, damaged = {}, []  # damaged: the run's files that cannot be read, each named; the rest is shown
+        if exists:
+            try:
+                jobs = rundir.read_state(paths)["stages"]
+            except rundir.DamagedFile as e:  # which jobs ran is unknown; numbers on disk are still good
+                damaged.append(str(e))
         bench = _bench_columns(record, run.id) if record is not None and run.id in record["runs"] else None
         trained, wall = _training(paths) if exists else (0, 0.0)
         rate = trained / (wall * 3600) if wall else None
@@ -137,13 +206,21 @@ def collect(plan: Plan, root: Path) -> pd.DataFrame:
         sets = [(protocol_id(s), stem) for s in run.samples for stem in sample_stems(protocol_id(s), run.checkpoints)]
         if "evaluate" not in study.stages:  # e.g. a throughput study: one row per run, its bench numbers
             done = "bench" not in study.stages or bench is not None
-            rows.append({**base, "state": _state(run_states, jobs, ["bench"], done)})
+            state = "damaged" if damaged and not done else _state(run_states, jobs, ["bench"], done)
+            rows.append({**base, "state": state, "damaged": "; ".join(damaged) or None})
             continue
         for pid, stem in sets:
-            ev = _read_json(paths.eval_file(stem, run.evaluation.tag)) if exists else None
+            ev, bad = None, list(damaged)
+            path = paths.eval_file(stem, run.evaluation.tag)
+            if exists and path.exists():
+                try:
+                    ev = read_eval(path)
+                except rundir.DamagedFile as e:  # shown as damaged, never as a pending score
+                    bad.append(str(e))
             stages = ["train", f"sample:{pid}", f"evaluate:{pid}"]
             precision = departures(run.config.train, plan.study.models[run.step]["model"]["family"])
-            row = {**base, "protocol": pid, "stem": stem, "state": _state(run_states, jobs, stages, ev is not None)}
+            state = "damaged" if bad and ev is None else _state(run_states, jobs, stages, ev is not None)
+            row = {**base, "protocol": pid, "stem": stem, "state": state, "damaged": "; ".join(bad) or None}
             ckpt = stem[len(pid) + len("-ckpt"):] if stem != pid else None
             row["checkpoint_step"] = int(ckpt) if ckpt else run.config.train.steps
             if ev:

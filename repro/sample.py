@@ -63,7 +63,7 @@ def sample(run_dir: str | Path, overrides: dict | None = None, progress: bool = 
                           f"so that it is kept)")
     env = distributed.init()
     device = env.device
-    state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)  # reads only the weights used
+    state = _load_checkpoint(paths, ckpt, "ema" if s.use_ema else "model", env)
     spec = state["model_spec"]
     model = models.build(spec["name"], **spec["kwargs"])
     model.load_state_dict(state["ema" if s.use_ema else "model"])
@@ -120,6 +120,27 @@ def sample(run_dir: str | Path, overrides: dict | None = None, progress: bool = 
         shutil.rmtree(shard_dir)  # the npz holds them all now
     distributed.barrier(env)
     return npz
+
+
+def _load_checkpoint(paths: rundir.RunPaths, ckpt: Path, weights: str, env) -> dict:
+    """The checkpoint to sample, verified; a damaged one is moved aside and sampling stops (one line).
+
+    Sampling an older checkpoint instead would report its numbers under the step that was asked for. Once the
+    damaged file is out of the way, re-running train resumes from the newest good checkpoint and writes it again.
+    """
+    try:  # mmap: reads only the weights used
+        return rundir.load_checkpoint(ckpt, {"model_spec": dict, weights: dict, "step": int}, mmap=True)
+    except rundir.DamagedCheckpoint as e:
+        damaged = e
+    newer = [s for s in rundir.checkpoint_steps(paths) if s > int(ckpt.stem)]
+    distributed.barrier(env)  # every rank has read it before rank 0 moves it
+    aside = rundir.set_aside(ckpt) if env.is_main else ckpt.with_name(ckpt.name + ".damaged")
+    if newer:  # resuming continues from the newest: it never passes this step again
+        advice = (f"step {int(ckpt.stem)} cannot be rebuilt by resuming (step {newer[-1]} is newer); train the run "
+                  f"again into a new --out to sample it")
+    else:
+        advice = "re-run the train stage: it resumes from the newest good checkpoint and writes this step again"
+    raise ConfigError(f"{damaged}; moved aside to {aside.name}; {advice}")
 
 
 def _sample_shard(k: int, out: Path, s: SampleConfig, labels: torch.Tensor, per_shard: int, env, shape: tuple,

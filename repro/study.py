@@ -7,15 +7,29 @@ model builds), the paper rows the steps name, and the sampling protocols. `repro
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from repro.config import BenchConfig, EvalConfig, RunConfig, SampleConfig, resolve_tf32
+from repro.config import MAX_SEED, BenchConfig, EvalConfig, RunConfig, SampleConfig, resolve_tf32
 from repro.errors import ConfigError, did_you_mean
 from repro.modelcheck import model_checks
 from repro.paper import load_paper
-from repro.yamlio import Where, _show, from_dict, read_yaml
+from repro.yamlio import Where, _show, check_ranges, check_text, from_dict, plain, read_yaml
+
+# Study and step names become folder names (reports/<study>), job names in sbatch scripts and report text: one
+# short word of letters, digits and . _ + -, starting with a letter or digit (so never "..", "/" or a hidden
+# character), at most NAME_MAX characters.
+NAME_MAX = 64
+
+
+def check_name(name: str, key: str, extra: str = "._+-") -> None:
+    """Refuse a study or step name that is empty, long, or holds anything but ASCII letters, digits and `extra`."""
+    if len(name) > NAME_MAX or ".." in name or not re.fullmatch(rf"[A-Za-z0-9][A-Za-z0-9{re.escape(extra)}]*", name):
+        allowed = ", ".join(f"'{c}'" for c in extra)
+        raise ConfigError(f"use letters, digits and {allowed} only (1 to {NAME_MAX} characters, starting with a "
+                          f"letter or digit), got {_show(name)}", key=key)
 
 
 @dataclass(frozen=True)
@@ -40,12 +54,21 @@ class Step:
     extends: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self):
+        check_name(self.name, "name")
+        check_text(self.label, "label", limit=200)
+
 
 @dataclass(frozen=True)
 class Grid:
     """Repeats of every step: one run per training seed (empty: the config's own seed)."""
 
     seeds: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        check_ranges(self, seeds=(0, MAX_SEED))
+        if len(self.seeds) > 1000:
+            raise ConfigError(f"at most 1000 seeds, got {len(self.seeds)}", key="seeds")
 
 
 @dataclass(frozen=True)
@@ -62,12 +85,51 @@ class Resources:
     qos: str | None = None
     constraint: str | None = None
 
+    def __post_init__(self):
+        # all of these reach the job script as #SBATCH lines: checked here, with the file and line, not at submit
+        check_ranges(self, nodes=(1, 4096), gpus_per_node=(0, 64), cpus_per_task=(1, 4096), mem_gb=(0, 2**20))
+        for key in ("partition", "account", "qos", "constraint"):
+            check_text(getattr(self, key), key, limit=256)
+        if self.time:  # empty: the profile's time_min
+            check_text(self.time, "time", limit=64)
+            try:
+                minutes = parse_time(self.time)
+            except ValueError as e:
+                raise ConfigError(str(e), key="time") from None
+            if not 1 <= minutes <= MAX_TIME_MIN:
+                raise ConfigError(f"must be between 1 minute and {MAX_TIME_MIN // 1440} days, got {self.time!r}",
+                                  key="time")
+
+
+MAX_TIME_MIN = 366 * 1440  # a year: any longer time limit is a typo
+
+
+def parse_time(text: str) -> int:
+    """SLURM time (`MM`, `HH:MM:SS`, `D-HH:MM:SS`, `D-HH`) in minutes, rounded up."""
+    m = re.fullmatch(r"(?:([0-9]{1,6})-)?([0-9]{1,9})(?::([0-9]{1,9}))?(?::([0-9]{1,9}))?", text.strip())
+    if not m:
+        raise ValueError(f"not a SLURM time (MM, HH:MM:SS, D-HH or D-HH:MM:SS): {_show(text)}")
+    days, a, b, c = (int(g) if g else None for g in m.groups())
+    if days is None and b is None:
+        return a                                   # MM
+    if days is not None and b is None:
+        seconds = days * 86400 + a * 3600          # D-HH
+    elif c is None:
+        seconds = (days or 0) * 86400 + (a * 3600 + b * 60 if days is not None else a * 60 + b)  # D-HH:MM or MM:SS
+    else:
+        seconds = (days or 0) * 86400 + a * 3600 + b * 60 + c
+    return -(-seconds // 60)
+
 
 @dataclass(frozen=True)
 class Cost:
     """Declared seconds per training step at the study's resources (for the GPU-hour estimate)."""
 
     step_seconds: float | None = None
+
+    def __post_init__(self):
+        if self.step_seconds is not None and not 0 < self.step_seconds <= 86400:
+            raise ConfigError(f"must be > 0 and at most a day, got {self.step_seconds}", key="step_seconds")
 
 
 @dataclass(frozen=True)
@@ -112,9 +174,6 @@ def deep_merge(base: dict, top: dict) -> dict:
 def _read_study_file(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[str, int], dict[str, str]]:
     """A study file's data merged over the file it `extends`, with each key's line and origin file."""
     path = path.resolve()
-    if path in chain:
-        cycle = " -> ".join(str(p) for p in (*chain, path))
-        raise ConfigError(f"{chain[-1]}: extends cycle: {cycle}")
     data, lines = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1: expected a mapping at the top, got {_show(data)}")
@@ -122,11 +181,19 @@ def _read_study_file(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[st
     parent = data.get("extends")
     if parent is None:
         return data, lines, files
+    at = f"{path}:{lines.get('extends', 1)}: extends"
     if not isinstance(parent, str):
-        raise ConfigError(f"{path}:{lines.get('extends', 1)}: extends: expected a relative file path")
+        raise ConfigError(f"{at}: expected a relative file path")
+    try:
+        check_text(parent, "extends")
+    except ConfigError as e:
+        raise ConfigError(f"{at}: {e.detail}") from None
     parent_path = path.parent / parent
-    if not parent_path.is_file():
-        raise ConfigError(f"{path}:{lines.get('extends', 1)}: extends: file not found: {parent_path}")
+    if not _is_file(parent_path):
+        raise ConfigError(f"{at}: file not found: {plain(str(parent_path))}")
+    if parent_path.resolve() in (*chain, path):
+        cycle = " -> ".join(str(p) for p in (*chain, path, parent_path.resolve()))
+        raise ConfigError(f"{path}:{lines.get('extends', 1)}: extends cycle: {cycle}")
     base, base_lines, base_files = _read_study_file(parent_path, (*chain, path))
     merged = deep_merge(base, {k: v for k, v in data.items() if k != "extends"})
     return merged, {**base_lines, **lines}, {**base_files, **files}
@@ -145,8 +212,10 @@ def load_study(path: str | Path) -> LoadedStudy:
     data, lines, files = _read_study_file(path, ())
     where = Where(str(path), lines, files)
     study = from_dict(Study, data, where)
-    if not study.study.replace("_", "").replace("-", "").isalnum():
-        raise ConfigError(f"{where.at('study')}: use letters, digits, '_' and '-' only, got {study.study!r}")
+    try:  # the report folder's name: no dots here, so a study name is never mistaken for a file name
+        check_name(study.study, "study", extra="_-")
+    except ConfigError as e:
+        raise ConfigError(f"{where.at('study')}: {e.detail}") from None
     if not study.steps:
         raise ConfigError(f"{where.at('steps')}: a study needs at least one step")
     from_dict(RunConfig, study.defaults, where, "defaults.")
@@ -186,8 +255,8 @@ def _check_paper_rows(study: Study, path: Path, where: Where) -> Path:
     # relative to the file that names it, which may be a study this one extends
     declared_in = Path(where.files.get("paper.file") or where.files.get("paper") or path)
     paper_path = declared_in.parent / study.paper.file
-    if not paper_path.is_file():
-        raise ConfigError(f"{where.at('paper.file')}: file not found: {paper_path}")
+    if not _is_file(paper_path):
+        raise ConfigError(f"{where.at('paper.file')}: file not found: {plain(str(paper_path))}")
     paper = load_paper(paper_path)
     if study.paper.table not in paper.tables:
         raise ConfigError(f"{where.at('paper.table')}: no table {study.paper.table!r} in {paper_path}"
@@ -203,6 +272,14 @@ def _check_paper_rows(study: Study, path: Path, where: Where) -> Path:
                 raise ConfigError(f"{where.at(f'steps.{i}.row')}: no row {row!r} in {paper_path} table "
                                   f"{table!r}{did_you_mean(row, paper.tables[table].rows)}")
     return paper_path
+
+
+def _is_file(path: Path) -> bool:
+    """Path.is_file, also False for a path the system refuses (too long a name, a NUL byte): a user's typo."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def step_rows(step: Step) -> tuple[str, ...]:

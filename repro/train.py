@@ -174,19 +174,26 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
         rundir.atomic_write_text(paths.train / "data.json", json.dumps(described, indent=2) + "\n")
     distributed.barrier(env)
 
-    # ---------------------------------------------------------------- resume from the newest checkpoint
-    step = 0
-    ckpt = rundir.latest_checkpoint(paths)
-    if ckpt is not None:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)  # CPU first: no GPU-0 memory spike
+    # ---------------------------------------------------------------- resume from the newest good checkpoint
+    if env.is_main:  # no writer runs yet: what a kill mid-write left behind is garbage
+        for folder in (paths.checkpoints, paths.train):
+            if removed := rundir.remove_temp_files(folder):
+                _note(paths, f"{folder}: removed {len(removed)} temp file(s) of a write that was killed: "
+                             f"{', '.join(removed)}")
+    step, window = 0, None
+    state = _load_newest_good(paths, env)
+    if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         scaler.load_state_dict(state["scaler"])
         step = state["step"]
         _set_rng_state(state["rng"])
-    if env.is_main:
-        rundir.truncate_jsonl(paths.metrics, step)
+        window = state.get("log_window")  # absent from checkpoints written before it was stored
+        del state
+    if env.is_main and (torn := rundir.truncate_jsonl(paths.metrics, step)):
+        _note(paths, f"{paths.metrics}: dropped {torn} line(s) that are not a JSON record (a torn append); "
+                     f"the steps after {step} are logged again")
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if env.world > 1 else model
     if t.compile:  # the wrapper, not the module: checkpoints and the EMA keep the module's own parameter names
@@ -205,7 +212,11 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
     null_class = model.num_classes
     step_gen = torch.Generator(device=device)
     sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, mse, vb over the log window
-    window_start, window_steps, last = time.perf_counter(), 0, {}
+    window_steps = 0
+    if window is not None:  # a resume between log steps: the window goes on where it stopped (metrics bit-exact)
+        sums.copy_(window["sums"])
+        window_steps = window["steps"]
+    window_start, timed_steps, last = time.perf_counter(), 0, {}  # throughput: the steps this process timed
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -252,6 +263,7 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
         step += 1
         sums += torch.stack([loss.detach(), losses["mse"].mean().detach(), losses["vb"].mean().detach()]).double()
         window_steps += 1
+        timed_steps += 1
 
         if step % t.log_every == 0 or step == t.steps:
             if grad_norm is None:  # measured at log steps only when not clipping (it costs a pass)
@@ -264,18 +276,21 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
                 raise TrainingDiverged(f"non-finite loss between steps {step - window_steps} and {step}; "
                                        f"last good checkpoint: {rundir.latest_checkpoint(paths) or 'none'}")
             last = {"step": step, "loss": mean[0].item(), "mse": mean[1].item(), "vb": mean[2].item(),
-                    "grad_norm": float(grad_norm), "lr": lr, "steps_per_s": window_steps / elapsed,
-                    "img_per_s": window_steps * t.global_batch / elapsed, "peak_mem_bytes": _peak_memory(device),
+                    "grad_norm": float(grad_norm), "lr": lr, "steps_per_s": timed_steps / elapsed,
+                    "img_per_s": timed_steps * t.global_batch / elapsed, "peak_mem_bytes": _peak_memory(device),
                     "switches": switches}
             log.metrics(last)
             sums.zero_()
-            window_start, window_steps = time.perf_counter(), 0
+            window_start, window_steps, timed_steps = time.perf_counter(), 0, 0
         else:
             log.advance(step)
 
         stopping = stop is not None and step < t.steps and _anyone(stop(), env, device)
         if step % t.ckpt_every == 0 or step == t.steps or stopping or step in keep_steps:
-            if window_steps and not torch.isfinite(distributed.all_mean(sums, env)).all():
+            # The open log window's sums, averaged over ranks (a collective: on every rank), go into the
+            # checkpoint, so a resume at a step that is not a log step logs the same numbers as no resume.
+            window = distributed.all_mean(sums, env)
+            if window_steps and not torch.isfinite(window).all():
                 raise TrainingDiverged(f"non-finite loss before step {step}; the checkpoint was not written; "
                                        f"last good checkpoint: {rundir.latest_checkpoint(paths) or 'none'}")
             if env.is_main:
@@ -284,7 +299,7 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
                     "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                     "scaler": scaler.state_dict(), "step": step, "data_position": step * t.global_batch,
                     "rng": _rng_state(), "world": env.world, "config_hash": config_hash(cfg), "model_spec": spec,
-                    "config": to_dict(cfg),
+                    "config": to_dict(cfg), "log_window": {"sums": window.cpu().clone(), "steps": window_steps},
                 }, paths.checkpoint(step))
                 # how long a checkpoint takes is what a preemption warning (signal_delay_s) must cover
                 rundir.append_line(paths.train / "checkpoints.jsonl", json.dumps({
@@ -300,12 +315,61 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
 
 
 # -------------------------------------------------------------------------------------------- helpers
+# What resuming reads from a checkpoint: a file without these, or of other types, is damaged.
+RESUME_NEEDS = {"model": dict, "ema": dict, "opt": dict, "scaler": dict, "step": int, "rng": dict}
+RESUME_OPTIONAL = {"log_window": dict}
+
+
+def _load_newest_good(paths: rundir.RunPaths, env) -> dict | None:
+    """The newest checkpoint that loads and holds what resuming needs; damaged ones are moved aside with a line each.
+
+    Every rank reads the same files and so reaches the same verdict (an error stops all ranks, none hangs in a
+    barrier); rank 0 moves files only once every rank has read them. None if there is no checkpoint; ConfigError
+    if there were some and none was good, rather than silently starting over in the same call.
+    """
+    steps = rundir.checkpoint_steps(paths)
+    distributed.barrier(env)  # every rank has listed the folder before rank 0 moves anything out of it
+    state, damaged = None, []
+    for s in reversed(steps):
+        path = paths.checkpoint(s)
+        try:  # to the CPU first: no GPU-0 memory spike
+            state = rundir.load_checkpoint(path, RESUME_NEEDS, optional=RESUME_OPTIONAL)
+        except rundir.DamagedCheckpoint as e:
+            damaged.append((path, e))
+            continue
+        if state["step"] != s:  # a file copied or renamed by hand: resuming would mislabel every later step
+            damaged.append((path, f"{path}: damaged checkpoint: it holds step {state['step']}, its name says {s}"))
+            state = None
+            continue
+        break
+    distributed.barrier(env)  # ... and has read the damaged ones before they move
+    if env.is_main:
+        for path, e in damaged:
+            aside = rundir.set_aside(path)
+            resuming = "" if state is None else f", resuming from {paths.checkpoint(state['step']).name}"
+            _note(paths, f"{e}; moved aside to {aside.name}{resuming}")
+    if damaged and state is None:
+        raise ConfigError(f"{paths.checkpoints}: all {len(damaged)} checkpoint(s) were damaged and were moved aside "
+                          f"(*.pt.damaged); run train again to start from step 0")
+    return state
+
+
+def _note(paths: rundir.RunPaths, text: str) -> None:
+    """A line of rank 0 about the run folder itself (files repaired or set aside), to log.txt and stdout."""
+    rundir.append_line(paths.log, text)
+    print(text, flush=True)
+
+
 def _rng_state() -> dict:
     import random
 
     import numpy as np
 
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    # numpy's state as a tensor, not the ndarray get_state() returns: a checkpoint holds only what
+    # torch.load(weights_only=True) reads without allowing numpy's pickles
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -318,7 +382,8 @@ def _set_rng_state(state: dict) -> None:
 
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]  # keys: a tensor, or an ndarray in checkpoints written before
+    np.random.set_state((name, np.asarray(keys).astype(np.uint32), *rest))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
 

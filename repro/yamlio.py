@@ -13,8 +13,10 @@ another reader.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -38,15 +40,48 @@ def read_yaml(path: str | Path) -> tuple[Any, dict[str, int]]:
         line = path.read_bytes()[:e.start].count(b"\n") + 1
         raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
     try:
+        _check_events(text, path)  # before composing: an alias bomb must never be expanded
         node = yaml.compose(text, Loader=_LOADER)
         data = yaml.load(text, Loader=_LOADER)  # the safe loader (libyaml's when present)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        detail = getattr(e, "problem", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{path}{line}: not valid YAML ({plain(detail)})") from None
+    except ConfigError:
+        raise
+    except ValueError as e:  # a constructor's own limit, e.g. an integer of more than 4300 digits
+        raise ConfigError(f"{path}: not valid YAML ({plain(str(e))})") from None
     lines: dict[str, int] = {}
     _index_lines(node, "", lines, path)
     return ({} if data is None else data), lines
+
+
+# Nesting deeper than any config needs; the line index and the dataclass builder recurse once per level.
+MAX_DEPTH = 64
+
+
+def _check_events(text: str, path: Path) -> None:
+    """Refuse anchors and aliases, and absurd nesting, from the parser's events, before anything is built.
+
+    An alias is a reference: nine levels of nine aliases each are under 400 bytes that expand to 9^9 (387M) nodes
+    (the "billion laughs"); yaml.load shares them, but anything that walks the data visits every copy. No config
+    needs them (a study shares settings through `defaults` and `extends`), so the strict files refuse them outright
+    instead of capping an expansion.
+    """
+    depth = 0
+    for event in yaml.parse(text, Loader=_LOADER):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            kind = "alias *" if isinstance(event, yaml.AliasEvent) else "anchor &"
+            raise ConfigError(f"{path}:{event.start_mark.line + 1}: YAML {kind}{plain(str(event.anchor))}: anchors "
+                              f"and aliases are not allowed in config files (write the value out, or use "
+                              f"defaults/extends)")
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ConfigError(f"{path}:{event.start_mark.line + 1}: nested more than {MAX_DEPTH} levels deep")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
 
 
 def _index_lines(node, prefix: str, lines: dict[str, int], path: Path) -> None:
@@ -75,6 +110,7 @@ class Where:
     files: dict[str, str] = field(default_factory=dict)
 
     def at(self, dotted: str) -> str:
+        dotted = plain(dotted)  # keys are user text: never a second line in the message
         parts = dotted.split(".")
         for n in range(len(parts), 0, -1):  # the key's own line, else its nearest parent's
             key = ".".join(parts[:n])
@@ -150,14 +186,22 @@ def _convert(tp, value, where: Where, dotted: str):
             raise ConfigError(f"{where.at(dotted)}: expected an integer, got {_show(value)}")
         return value
     if tp is float:
+        number = None
         if isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond a float's range
+                raise ConfigError(f"{where.at(dotted)}: out of range, got {_show(value)}") from None
+        if number is None:
             raise ConfigError(f"{where.at(dotted)}: expected a number, got {_show(value)}")
-        return float(value)
+        if not math.isfinite(number):  # .inf / .nan: no config value means them, and NaN compares false to any bound
+            raise ConfigError(f"{where.at(dotted)}: must be a finite number, got {_show(value)}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where.at(dotted)}: expected a string, got {_show(value)}")
@@ -166,4 +210,63 @@ def _convert(tp, value, where: Where, dotted: str):
 
 
 def _show(value) -> str:
-    return "nothing" if value is None else repr(value)
+    """A user's value for a one-line message: its repr (which escapes control characters), shortened."""
+    if value is None:
+        return "nothing"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
+        return f"an integer of {len(str(abs(value))) if abs(value) < 10**4000 else 'over 4000'} digits"
+    try:
+        text = repr(value)
+    except ValueError:  # an integer of more digits than Python prints
+        return f"a {type(value).__name__} too large to print"
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
+
+
+# Unicode categories no config string may hold where it reaches a shell script, a file name or a message: control
+# characters (Cc: newline, tab, NUL), format characters (Cf: bidi overrides U+202A-U+202E and isolates
+# U+2066-U+2069, zero-width characters) and the line and paragraph separators (Zl, Zp).
+_HIDDEN = {"Cc", "Cf", "Zl", "Zp"}
+
+
+def hidden_characters(text: str) -> list[str]:
+    """The control, format (bidi) and line-separator characters in `text`, as escapes ('\\n', '\\u202e')."""
+    return sorted({c.encode("unicode_escape").decode() for c in text if unicodedata.category(c) in _HIDDEN})
+
+
+def plain(text: str, limit: int = 200) -> str:
+    """`text` safe to print on one line: hidden characters escaped, shortened to about `limit` characters."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    return text if len(text) <= limit else f"{text[:limit - 20]}... ({len(text)} characters)"
+
+
+def check_text(value: str | None, key: str, limit: int = 4096) -> None:
+    """Refuse hidden characters and absurd lengths in a config string that reaches sbatch, a path or a report.
+
+    A newline in a partition or a job name would start a new `#SBATCH` line of the job script; a bidi override
+    shows a name other than the one used. Raises ConfigError naming `key`, for `from_dict` to add the file:line."""
+    if value is None:
+        return
+    bad = hidden_characters(value)
+    if bad:
+        raise ConfigError(f"control or bidi character {', '.join(bad)} not allowed, got {_show(value)}", key=key)
+    if len(value) > limit:
+        raise ConfigError(f"longer than {limit} characters ({len(value)})", key=key)
+
+
+def check_ranges(obj, **bounds: tuple[float, float]) -> None:
+    """Each named numeric field of dataclass `obj` (each item, for a tuple; None skipped) within [low, high] and
+    finite. Raises ConfigError naming the field, for `from_dict` to add the file:line."""
+    for name, (low, high) in bounds.items():
+        value = getattr(obj, name)
+        items = value if isinstance(value, tuple) else (value,)
+        for v in items:
+            if v is None or isinstance(v, str):  # None: unset; a str: a Literal alternative such as "all"
+                continue
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"must be a finite number, got {v}", key=name)
+            if v < low:
+                raise ConfigError(f"must be >= {low}, got {_show(v)}", key=name)
+            if v > high:
+                limit = f"{high:_}" if high >= 10**5 else f"{high}"  # 1_000_000_000: readable, and valid YAML
+                raise ConfigError(f"must be <= {limit}, got {_show(v)}", key=name)

@@ -250,7 +250,14 @@ def test_status_reads_the_run_folders(tmp_path, capsys):
     assert main(["status", str(ROADMAP), "--json", "--results", str(tmp_path)]) == 0
     runs = {r["id"]: r for r in json.loads(capsys.readouterr().out)["runs"]}
     assert {s["name"]: s["state"] for s in runs[done.id]["stages"]}[f"evaluate:{pid}"] == "new"
+    # a current record without its numbers is damaged (issue 16), not done: a whole one is done
     eval_file.write_text(json.dumps({"protocol": {"evaluator_version": EVALUATOR_VERSION}}))
+    assert main(["status", str(ROADMAP), "--json", "--results", str(tmp_path)]) == 0
+    runs = {r["id"]: r for r in json.loads(capsys.readouterr().out)["runs"]}
+    assert {s["name"]: s["state"] for s in runs[done.id]["stages"]}[f"evaluate:{pid}"] == "damaged"
+    eval_file.write_text(json.dumps({"metrics": {"fid": 2.0}, "labels": {}, "unavailable": {},
+                                     "protocol": {"evaluator_version": EVALUATOR_VERSION},
+                                     "paper_protocol": {"comparable": True, "differences": []}}))
     assert main(["status", str(ROADMAP), "--json", "--results", str(tmp_path)]) == 0
     runs = {r["id"]: r for r in json.loads(capsys.readouterr().out)["runs"]}
     assert {s["name"]: s["state"] for s in runs[done.id]["stages"]}[f"evaluate:{pid}"] == "done"

@@ -345,7 +345,10 @@ class FashionClassifier(Extractor):
         if not self.weights.is_file():
             raise ConfigError(f"{self.weights}: Fashion-MNIST classifier not found; train it with "
                               f"`repro evaluate ... --extractor fashion-mnist` (it is trained once on first use)")
-        state = torch.load(self.weights, map_location="cpu", weights_only=False)
+        from repro import rundir
+
+        state = rundir.load_checkpoint(self.weights, {"model": dict, "width": int, "test_accuracy": float},
+                                       what="classifier weights")  # weights only: a study may point it anywhere
         self.net = FashionNet(state["width"]).eval().to(self.device)
         self.net.load_state_dict(state["model"])
         self.test_accuracy = state["test_accuracy"]

@@ -14,8 +14,11 @@ in a note, and the figures draw it hatched grey, never as a plain figure.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -143,17 +146,60 @@ def _latex(table: pd.DataFrame) -> str:
 
 
 def write(plan: Plan, root: Path, out: Path, formats: tuple[str, ...] = FORMATS) -> dict[str, Path]:
-    """Write the report of `plan`'s study into `out`; returns the files written."""
-    import jinja2
-
+    """Write the report of `plan`'s study into `out`; returns the files written. All or nothing: the report is
+    built in a temp folder beside `out` and moved into place at the end, so a failure leaves the previous report
+    (and any other file in `out`) as it was, and no half-written one."""
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise ValueError(f"--format: unknown format {unknown[0]!r}; choose from {', '.join(FORMATS)}")
+    out = Path(out)
+    missing = [p for p in (out.absolute(), *out.absolute().parents) if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        written = _write(plan, root, tmp, formats)
+        return _move_into_place(tmp, out, written)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in missing[1:]:  # the folders above `out` this call created (deepest first), if still empty
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
+
+
+REPORT_ENTRIES = ("figures", "grids", "index.html", "report.md", "table.csv", "table.tex", "runs.csv")
+
+
+def _move_into_place(tmp: Path, out: Path, written: dict[str, Path]) -> dict[str, Path]:
+    """Rename each entry of the finished report from `tmp` into `out`: files by an atomic rename, the figures and
+    grids folders swapped whole; entries of `out` this report does not write are left as they are."""
+    out.mkdir(exist_ok=True)
+    for name in REPORT_ENTRIES:
+        src, dst = tmp / name, out / name
+        if not src.exists():
+            continue
+        if src.is_dir():
+            old = None
+            if dst.exists():
+                old = tmp / f".old-{name}"
+                os.replace(dst, old)
+            os.replace(src, dst)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(src, dst)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {k: out / p.relative_to(tmp) for k, p in written.items()}
+
+
+def _write(plan: Plan, root: Path, out: Path, formats: tuple[str, ...]) -> dict[str, Path]:
+    """Every file of the report, into the (empty) folder `out`."""
+    import jinja2
+
     study = plan.study.study
     df = collect(plan, root)
     steps = by_step(df) if len(df) else df
     table = paper_table(df, plan)
-    out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
@@ -189,10 +235,14 @@ def write(plan: Plan, root: Path, out: Path, formats: tuple[str, ...] = FORMATS)
         "correlations": correlations(table, "fid"),
         "protocols": _protocol_lines(df, table, plan, root), "figures": plots.FIGURES, "grids": grids,
         "metrics": [NAMES[m] for m in PAPER_METRICS if m in NAMES],
+        "damaged": damaged_notes(df),
     }
+    # Study text (description, labels) is the study author's, maybe a colleague's: every value in the HTML is
+    # escaped. select_autoescape matches the name's end, so "index.html.j2" needs "html.j2" (["html"] alone
+    # misses it); the Markdown template stays unescaped.
     env = jinja2.Environment(loader=jinja2.PackageLoader("repro.report", "templates"),
-                             autoescape=jinja2.select_autoescape(["html"]), undefined=jinja2.StrictUndefined,
-                             trim_blocks=True, lstrip_blocks=True)
+                             autoescape=jinja2.select_autoescape(["html", "html.j2"], default_for_string=True),
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     if "md" in formats:
         context_md = {**context, "table_md": _markdown(head, rows) if rows else ""}
         rundir.atomic_write_text(out / "report.md", env.get_template("report.md.j2").render(**context_md))
@@ -201,6 +251,17 @@ def write(plan: Plan, root: Path, out: Path, formats: tuple[str, ...] = FORMATS)
         rundir.atomic_write_text(out / "index.html", env.get_template("index.html.j2").render(**context))
         written["index.html"] = out / "index.html"
     return written
+
+
+def damaged_notes(df: pd.DataFrame) -> list[str]:
+    """Each damaged run-folder file once, named, with what it leaves missing (the next submit redoes that part)."""
+    if not len(df) or "damaged" not in df:
+        return []
+    out: dict[str, None] = {}
+    for text in df["damaged"].dropna():
+        for part in str(text).split("; "):
+            out.setdefault(part, None)
+    return list(out)
 
 
 def _protocol_lines(df: pd.DataFrame, table: pd.DataFrame, plan: Plan, root: Path) -> list[str]:

@@ -13,6 +13,7 @@ marked unreliable (timed under contention) is drawn hollow or hatched in grey, l
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import matplotlib
@@ -39,6 +40,16 @@ def _save(fig, out: Path, name: str) -> list[Path]:
     return paths
 
 
+def _plain_text(draw):
+    """Draw with every text as written: a study's labels and description are its author's, and mathtext would read
+    a `$` in them as LaTeX (failing on one `$`, silently rendering a pair as math)."""
+    @functools.wraps(draw)
+    def plain(*args, **kwargs):
+        with plt.rc_context({"text.parse_math": False, "text.usetex": False}):  # also the ticks drawn at savefig
+            return draw(*args, **kwargs)
+    return plain
+
+
 def _is_baseline(model: str, label: str) -> bool:
     return str(model).startswith("DiT") or str(label).startswith("DiT")
 
@@ -48,6 +59,7 @@ def _unreliable(v) -> bool:
     return v is not None and not (isinstance(v, float) and v != v) and not bool(v)
 
 
+@_plain_text
 def roadmap(table: pd.DataFrame, out: Path, title: str) -> list[Path]:
     fig, ax = plt.subplots(figsize=(8, 4))
     main = table[table["table"] == table["table"].iloc[0]] if len(table) else table
@@ -73,6 +85,7 @@ def roadmap(table: pd.DataFrame, out: Path, title: str) -> list[Path]:
     return _save(fig, out, "roadmap")
 
 
+@_plain_text
 def fid_vs_step(df: pd.DataFrame, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     have = df.dropna(subset=["fid"]) if len(df) else df
@@ -89,6 +102,7 @@ def fid_vs_step(df: pd.DataFrame, out: Path) -> list[Path]:
     return _save(fig, out, "fid_vs_step")
 
 
+@_plain_text
 def frontier(steps: pd.DataFrame, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     final = steps[steps["checkpoint_step"] == steps["train_steps"]] if len(steps) else steps
@@ -117,6 +131,7 @@ def frontier(steps: pd.DataFrame, out: Path) -> list[Path]:
     return _save(fig, out, "frontier")
 
 
+@_plain_text
 def speedup(steps: pd.DataFrame, out: Path) -> list[Path]:
     """Ratios from the study's bench record: every run timed in one job, each figure over the same baseline's."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -151,6 +166,7 @@ def speedup(steps: pd.DataFrame, out: Path) -> list[Path]:
     return _save(fig, out, "speedup")
 
 
+@_plain_text
 def loss(curves: pd.DataFrame, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     col = "mse" if len(curves) and curves["mse"].notna().any() else "loss"  # mse: without the VLB term
