@@ -187,22 +187,8 @@ def run_status(states: dict[str, dict]) -> str:
 
 
 def _last_metrics(path: Path) -> dict:
-    """The last complete record of train/metrics.jsonl ({} before the first); a torn line (appends are not atomic,
-    a crash can leave half of one) is skipped with a warning naming the file, so it never blocks status."""
-    if not path.exists():
-        return {}
-    lines = path.read_text(errors="replace").splitlines()
-    for n in range(len(lines), 0, -1):
-        if not lines[n - 1].strip():
-            continue
-        try:
-            record = json.loads(lines[n - 1])
-        except ValueError:
-            record = None
-        if isinstance(record, dict) and isinstance(record.get("step", 0), int):
-            return record
-        rundir.warn(f"{path}:{n}: torn record skipped (not a complete JSON line)")
-    return {}
+    """The last complete record of train/metrics.jsonl ({} before the first; torn lines skipped with a warning)."""
+    return (rundir.read_metrics(path) or [{}])[-1]
 
 
 def remember(study_path: Path, root: Path) -> None:

@@ -85,28 +85,8 @@ def damaged_outputs(run: Run, root: Path) -> dict[str, rundir.DamagedFile]:
     return out
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """train/metrics.jsonl as records ([] before the first logged step). A line that is not a complete record (a
-    torn append: appends are not atomic) is skipped with a warning naming the file and line."""
-    if not path.exists():
-        return []
-    out = []
-    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool):
-            out.append(record)
-        else:
-            rundir.warn(f"{path}:{n}: torn record skipped (not a complete JSON line with a step)")
-    return out
-
-
 def _metrics(paths: rundir.RunPaths) -> list[dict]:
-    return read_metrics(paths.metrics)
+    return rundir.read_metrics(paths.metrics)
 
 
 def _training(paths: rundir.RunPaths) -> tuple[int, float]:

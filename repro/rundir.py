@@ -272,27 +272,43 @@ def prune_checkpoints(paths: RunPaths, keep: int, keep_steps: tuple[int, ...] = 
             paths.checkpoint(step).unlink()
 
 
-def truncate_jsonl(path: Path, max_step: int) -> int:
-    """Drop lines logged after `max_step` (written before a kill, after the checkpoint we resume from) and lines
-    that are not a JSON record (a torn append: appends are not atomic); returns how many of the latter."""
+def _step_records(path: Path) -> tuple[list[tuple[str, dict]], list[int]]:
+    """The records of a step log (.jsonl: one JSON object with an integer `step` a line), each with its line, and
+    the numbers of the lines that are no such record: a torn append, since appends are not atomic."""
     if not path.exists():
-        return 0
-    lines = path.read_text(errors="replace").splitlines()
-    kept, torn = [], 0
-    for ln in lines:
-        if not ln.strip():
+        return [], []
+    records, torn = [], []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
             continue
         try:
-            record = json.loads(ln)
+            record = json.loads(line)
         except ValueError:
             record = None
-        if not isinstance(record, dict) or not isinstance(record.get("step", 0), int):
-            torn += 1
-        elif record.get("step", 0) <= max_step:
-            kept.append(ln)
-    if len(kept) != len(lines):
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool):
+            records.append((line, record))
+        else:
+            torn.append(n)
+    return records, torn
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """train/metrics.jsonl as records ([] before the first logged step); a torn line is skipped with a warning
+    naming the file and line, so it never blocks status or report."""
+    records, torn = _step_records(path)
+    for n in torn:
+        warn(f"{path}:{n}: torn record skipped (not a complete JSON line with a step)")
+    return [r for _, r in records]
+
+
+def truncate_jsonl(path: Path, max_step: int) -> int:
+    """Drop lines logged after `max_step` (written before a kill, after the checkpoint we resume from) and lines
+    that are not a record (a torn append); returns how many of the latter."""
+    records, torn = _step_records(path)
+    kept = [line for line, r in records if r["step"] <= max_step]
+    if torn or len(kept) != len(records):
         atomic_write_text(path, "".join(ln + "\n" for ln in kept))
-    return torn
+    return len(torn)
 
 
 def append_line(path: Path, line: str) -> None:

@@ -46,15 +46,20 @@ def one_line_error(capsys) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- HTML and figures
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian package chromium is not installed")
-def test_study_text_is_escaped_in_index_html_and_shown_as_text_in_chromium(tmp_path):
-    study = small_study(tmp_path, f"evil {SCRIPT} {IMG}", {"isotropic": f"iso {SCRIPT}", "dit": f"DiT {IMG}"})
-    plan = expand(load_study(study))
+def reported(tmp_path: Path, description: str, labels: dict[str, str]) -> Path:
+    """The report of a small study with this description and these step labels, every run scored."""
+    study = small_study(tmp_path, description, labels)
     root = tmp_path / "results"
-    for i, run in enumerate(plan.runs):
+    for i, run in enumerate(expand(load_study(study)).runs):
         fixture_run(root, run, 50.0 + i)
     out = tmp_path / "report"
     assert main(["report", str(study), "--results", str(root), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian package chromium is not installed")
+def test_study_text_is_escaped_in_index_html_and_shown_as_text_in_chromium(tmp_path):
+    out = reported(tmp_path, f"evil {SCRIPT} {IMG}", {"isotropic": f"iso {SCRIPT}", "dit": f"DiT {IMG}"})
     html = (out / "index.html").read_text()
     assert SCRIPT not in html and "<img src=x" not in html
     assert "&lt;script&gt;document.body.id=" in html  # title, heading and table cells: the text, escaped
@@ -74,13 +79,7 @@ def test_study_text_is_escaped_in_index_html_and_shown_as_text_in_chromium(tmp_p
 
 def test_dollar_signs_in_study_text_reach_the_figures_as_plain_text(tmp_path):
     # one `$` pair holding what mathtext cannot parse: before, `repro report` failed with a multi-line error
-    study = small_study(tmp_path, r"costs $\frac{$ and $5", {"isotropic": r"iso $\undefined$", "dit": "DiT $x^$"})
-    plan = expand(load_study(study))
-    root = tmp_path / "results"
-    for i, run in enumerate(plan.runs):
-        fixture_run(root, run, 50.0 + i)
-    out = tmp_path / "report"
-    assert main(["report", str(study), "--results", str(root), "--out", str(out)]) == 0
+    out = reported(tmp_path, r"costs $\frac{$ and $5", {"isotropic": r"iso $\undefined$", "dit": "DiT $x^$"})
     for fig in ("roadmap", "fid_vs_step", "frontier", "speedup", "loss"):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 1000
     from repro.report import plots
