@@ -93,6 +93,9 @@ class Profile:
             if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,63}", key):
                 raise ConfigError(f"not an sbatch option name (letters, digits, '-' and '_'), got {_show(key)}",
                                   key="additional")
+            if value is False:  # submitit would write `--key=False`, which sbatch does not read as "off"
+                raise ConfigError("false is no sbatch value: leave the option out to turn it off",
+                                  key=f"additional.{key}")
             if isinstance(value, str):
                 check_text(value, f"additional.{key}", limit=1024)
             elif isinstance(value, float) and not math.isfinite(value) or not isinstance(value, str | int | float):

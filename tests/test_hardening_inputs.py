@@ -140,6 +140,7 @@ def test_resources_are_checked_at_load_with_file_and_line(tmp_path, capsys, key,
     ("additional", {"mail type": "y"}, "additional: not an sbatch option name"),
     ("additional", {"comment": INJECT}, "additional.comment: control or bidi character \\n"),
     ("additional", {"exclude": ["a", "b"]}, "additional.exclude: expected a string, a number or true"),
+    ("additional", {"exclusive": False}, "additional.exclusive: false is no sbatch value"),
     ("time_min", -1, "time_min: must be >= 0"),
     ("time_min", 10**12, "time_min: must be <= "),
 ])
