@@ -7,6 +7,7 @@ as soon as a job spans nodes or each process sees a single GPU (`specs/protocol.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -34,16 +35,28 @@ class DistEnv:
         return self.rank == 0
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'gpu[07-09,12],cpu1' -> 'gpu07'."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise ValueError(f"not a SLURM node list: {nodelist!r}")
+    prefix, ranges = m.groups()
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+
 def env_from_slurm(environ: dict[str, str]) -> dict[str, str]:
     """torch.distributed variables for one task of a plain `srun` step (one task per GPU), or {} if not needed.
 
     torchrun and submitit's `TorchDistributedEnvironment().export()` set these themselves; an srun task only has
-    SLURM's. The rendezvous is the node srun was launched from, on a port derived from the job id.
+    SLURM's. The rendezvous is the first node of the step, where task 0 runs (SLURM's block distribution), on a
+    port derived from the job id. Not the node srun was launched from: from a login node, that runs no task, and
+    task 0 could not listen on its address (what the namespace nodes of `up.sh --nodes 2` showed).
     """
     ntasks = int(environ.get("SLURM_NTASKS", "1"))
     if "WORLD_SIZE" in environ or ntasks <= 1 or "SLURM_PROCID" not in environ:
         return {}
-    master = environ.get("MASTER_ADDR") or environ.get("SLURM_LAUNCH_NODE_IPADDR")
+    nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    master = environ.get("MASTER_ADDR") or (first_host(nodes) if nodes else environ.get("SLURM_LAUNCH_NODE_IPADDR"))
     if not master:
         raise ValueError("SLURM task without MASTER_ADDR or SLURM_LAUNCH_NODE_IPADDR: cannot find the rendezvous")
     return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": str(ntasks),

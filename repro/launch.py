@@ -531,7 +531,9 @@ def _requests(stage: Stage, run: Run, plan: Plan, profile: Profile) -> dict:
     params = {
         "timeout_min": parse_time(r.time) if r.time else profile.time_min,
         "nodes": stage.nodes,
-        "tasks_per_node": max(1, gpus),          # one task per GPU; torch.distributed from the SLURM variables
+        # one task per GPU (torch.distributed from the SLURM variables); CPU nodes: as the study asks, else one
+        "tasks_per_node": (r.tasks_per_node if r.tasks_per_node and stage.name.split(":")[0] in ("train", "sample")
+                           else max(1, gpus)),
         "cpus_per_task": cap(r.cpus_per_task, profile.cpus_per_task),
         "mem_gb": cap(r.mem_gb, profile.mem_gb),
         "slurm_signal_delay_s": profile.signal_delay_s,

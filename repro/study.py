@@ -77,6 +77,7 @@ class Resources:
 
     nodes: int = 1
     gpus_per_node: int = 8
+    tasks_per_node: int | None = None  # train and sample processes per node; None: one per GPU (one without GPUs)
     cpus_per_task: int = 8
     mem_gb: int = 64
     time: str = "72:00:00"
@@ -88,6 +89,11 @@ class Resources:
     def __post_init__(self):
         # all of these reach the job script as #SBATCH lines: checked here, with the file and line, not at submit
         check_ranges(self, nodes=(1, 4096), gpus_per_node=(0, 64), cpus_per_task=(1, 4096), mem_gb=(0, 2**20))
+        if self.tasks_per_node is not None:
+            check_ranges(self, tasks_per_node=(1, 256))
+            if self.gpus_per_node and self.tasks_per_node != self.gpus_per_node:  # a process per GPU (local rank)
+                raise ConfigError(f"must equal gpus_per_node ({self.gpus_per_node}) on GPU nodes, or be left out, "
+                                  f"got {self.tasks_per_node}", key="tasks_per_node")
         for key in ("partition", "account", "qos", "constraint"):
             check_text(getattr(self, key), key, limit=256)
         if self.time:  # empty: the profile's time_min

@@ -11,7 +11,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import resource
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -191,6 +193,11 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
         _set_rng_state(state["rng"])
         window = state.get("log_window")  # absent from checkpoints written before it was stored
         del state
+    # Where each rank runs, from the rank itself: the job's layout is in the run folder, not in a guess.
+    rundir.append_line(paths.train / "ranks.jsonl", json.dumps({
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "rank": env.rank,
+        "local_rank": env.local_rank, "world": env.world, "device": str(device), "start_step": step,
+        "slurm_job": os.environ.get("SLURM_JOB_ID")}))
     if env.is_main and (torn := rundir.truncate_jsonl(paths.metrics, step)):
         _note(paths, f"{paths.metrics}: dropped {torn} line(s) that are not a JSON record (a torn append); "
                      f"the steps after {step} are logged again")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from repro.distributed import env_from_slurm
+from repro.distributed import env_from_slurm, first_host
 
 
 def test_srun_task_gets_torch_variables():
@@ -10,6 +10,19 @@ def test_srun_task_gets_torch_variables():
            "SLURM_LAUNCH_NODE_IPADDR": "10.0.0.7"}
     assert env_from_slurm(env) == {"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.7",
                                    "MASTER_PORT": str(20000 + 123456 % 20000)}
+
+
+def test_the_rendezvous_is_the_first_node_of_the_step_not_the_launch_node():
+    env = {"SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "7",
+           "SLURM_LAUNCH_NODE_IPADDR": "10.0.0.1", "SLURM_JOB_NODELIST": "n[1-3]", "SLURM_STEP_NODELIST": "n[2-3]"}
+    assert env_from_slurm(env)["MASTER_ADDR"] == "n2"  # srun from a login node: task 0 runs on n2
+    assert env_from_slurm({**env, "MASTER_ADDR": "x"})["MASTER_ADDR"] == "x"
+
+
+@pytest.mark.parametrize("nodelist,first", [("n1", "n1"), ("n[1-2]", "n1"), ("gpu[07-09,12],cpu1", "gpu07"),
+                                            ("a,b", "a"), ("node-3", "node-3"), ("x[5,2]", "x5")])
+def test_first_host_of_a_node_list(nodelist, first):
+    assert first_host(nodelist) == first
 
 
 def test_torchrun_or_single_task_is_left_alone():

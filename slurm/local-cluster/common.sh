@@ -14,3 +14,6 @@ running() {
     state=$(awk '{print $3}' "/proc/$2/stat" 2>/dev/null) || return 1
     [[ $comm == "$1" && $state != Z ]]
 }
+
+# recorded: up.sh recorded something here (a daemon's PID, or the network of --nodes).
+recorded() { compgen -G "$PIDDIR/*.pid" >/dev/null || [[ -e $PIDDIR/network ]]; }
