@@ -273,7 +273,9 @@ def test_stop_local_kills_a_task_that_outlives_its_controller(tmp_path):
 
 def test_stop_local_leaves_a_job_that_stops_by_itself(tmp_path):
     job = subprocess.Popen([sys.executable, "-c", "import signal, time; "
-                            "signal.signal(signal.SIGINT, signal.default_int_handler); time.sleep(600)"])
+                            "signal.signal(signal.SIGINT, signal.default_int_handler); print('ready', flush=True);"
+                            " time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    assert job.stdout.readline() == "ready\n"  # a SIGINT before its handler is set would be ignored, by design
     started = time.monotonic()
     assert stop_local(job.pid, grace_s=5.0) == []  # SIGINT ends it; nothing left to kill
     assert job.wait(timeout=5) != 0 and time.monotonic() - started < 3
