@@ -31,13 +31,17 @@ def _cluster_up() -> str | None:
     return None
 
 
+def require(why: str | None, variable: str, value: str, command: str) -> None:
+    """Skip for `why` (what is not up), or fail when `variable=value` says the test command brought it up."""
+    if why:
+        if os.environ.get(variable) == value:
+            pytest.fail(f"{variable}={value} but {why}: run {command}")
+        pytest.skip(f"{why} (bring it up with {command})")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def slurm_cluster():
-    why = _cluster_up()
-    if why:
-        if os.environ.get("REPRO_REQUIRE_SLURM") == "1":
-            pytest.fail(f"REPRO_REQUIRE_SLURM=1 but {why}: run slurm/local-cluster/up.sh")
-        pytest.skip(f"{why} (bring it up with slurm/local-cluster/up.sh)")
+    require(_cluster_up(), "REPRO_REQUIRE_SLURM", "1", "slurm/local-cluster/up.sh")
 
 
 def _cli(*args, timeout=300) -> subprocess.CompletedProcess:

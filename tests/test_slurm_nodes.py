@@ -18,7 +18,7 @@ import torch
 
 from repro.plan import expand, load_study
 from test_launch import ROOT, needs_fashion, short_study
-from test_slurm import _cli, _failures, _runnable_done, _wait
+from test_slurm import _cli, _failures, _runnable_done, _wait, require
 
 pytestmark = [pytest.mark.slurm, needs_fashion]
 STEPS = 30
@@ -35,11 +35,7 @@ def _two_nodes_up() -> str | None:
 
 @pytest.fixture(scope="module", autouse=True)
 def two_nodes():
-    why = _two_nodes_up()
-    if why:
-        if os.environ.get("REPRO_REQUIRE_SLURM_NODES") == "2":
-            pytest.fail(f"REPRO_REQUIRE_SLURM_NODES=2 but {why}: run slurm/local-cluster/up.sh --nodes 2")
-        pytest.skip(f"{why} (bring them up with slurm/local-cluster/up.sh --nodes 2)")
+    require(_two_nodes_up(), "REPRO_REQUIRE_SLURM_NODES", "2", "slurm/local-cluster/up.sh --nodes 2")
 
 
 def _study(folder: Path, tasks_per_node: int) -> Path:
