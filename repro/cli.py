@@ -139,10 +139,7 @@ def cmd_bench(args) -> int:
 def cmd_train(args) -> int:
     from repro.config import load_run_config
     from repro.train import TrainingDiverged, train
-    from repro.yamlio import read_yaml
 
-    if not read_yaml(args.config)[0]:  # all defaults would train DiT-XL/2 for 400K steps: surely not what was meant
-        raise UsageError(f"{args.config}: empty run config (name at least its model, data and train settings)")
     cfg = load_run_config(args.config)
     try:
         last = train(cfg, args.out, progress=False if args.no_progress else None)

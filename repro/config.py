@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from repro.errors import ConfigError
-from repro.yamlio import Where, _show, check_ranges, check_text, from_dict, read_yaml
+from repro.yamlio import Where, show_value, check_ranges, check_text, from_dict, read_yaml
 
 
 # ----------------------------------------------------------------------------------------------- schema
@@ -57,14 +57,15 @@ class ModelConfig:
             items = value if isinstance(value, tuple) else (value,)
             for v in items:
                 if not (v is None or isinstance(v, bool | int | float | str)):
-                    raise ConfigError(f"expected a number, string, true/false or a list of them, got {_show(value)}",
-                                      key=f"overrides.{key}")
+                    raise ConfigError("expected a number, string, true/false or a list of them, got "
+                                      f"{show_value(value)}", key=f"overrides.{key}")
                 if isinstance(v, str):
                     check_text(v, f"overrides.{key}", limit=64)
                 elif isinstance(v, int | float) and not isinstance(v, bool):
                     low = 1 if key in POSITIVE_SWITCHES else 0
                     if not (low <= v <= MAX_SIZE):  # also false for NaN
-                        raise ConfigError(f"must be in [{low}, {MAX_SIZE}], got {_show(value)}", key=f"overrides.{key}")
+                        raise ConfigError(f"must be in [{low}, {MAX_SIZE}], got {show_value(value)}",
+                                          key=f"overrides.{key}")
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,7 @@ class SampleConfig:
                      seed=(0, MAX_SEED), per_proc_batch=(1, MAX_BATCH))
         # the spec names the sample files (protocol_id): "250", "25,25,50" or "ddim50", nothing else
         if not (len(self.steps) <= 64 and re.fullmatch(r"(ddim)?[0-9]+(,[0-9]+)*", self.steps)):
-            raise ConfigError(f"expected '250', '25,25,50' or 'ddim50', got {_show(self.steps)}", key="steps")
+            raise ConfigError(f"expected '250', '25,25,50' or 'ddim50', got {show_value(self.steps)}", key="steps")
 
 
 @dataclass(frozen=True)
@@ -269,6 +270,8 @@ def load_run_config(path: str | Path) -> RunConfig:
     from repro.modelcheck import model_checks  # modelcheck imports this module
 
     data, lines = read_yaml(path)
+    if not data:  # all defaults would train DiT-XL/2 for 400K steps: surely not what was meant
+        raise ConfigError(f"{path}: empty run config (name at least its model, data and train settings)")
     where = Where(str(path), lines)
     cfg = from_dict(RunConfig, data, where)
     family = model_checks().check(cfg, where, "model")["model"]["family"]
@@ -330,6 +333,11 @@ def current_eval(path: Path) -> bool:
         record = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return False
+    return is_current_eval(record)
+
+
+def is_current_eval(record: object) -> bool:
+    """Whether an eval record (parsed) was written by this evaluator version."""
     return isinstance(record, dict) and (record.get("protocol") or {}).get("evaluator_version") == EVALUATOR_VERSION
 
 
@@ -413,12 +421,5 @@ class BenchConfig:
     alone_wait_s: float = 4 * 3600
 
     def __post_init__(self):
-        if min(self.batch, self.iters, self.repeats) < 1 or self.warmup < 0:
-            raise ConfigError("batch, iters and repeats must be >= 1, warmup >= 0", key="batch")
-        if self.cpu_threads is not None and self.cpu_threads < 1:
-            raise ConfigError(f"must be >= 1 (or absent: PyTorch's default), got {self.cpu_threads}",
-                              key="cpu_threads")
-        if self.alone_wait_s < 0:
-            raise ConfigError(f"must be >= 0 seconds, got {self.alone_wait_s}", key="alone_wait_s")
         check_ranges(self, batch=(1, MAX_BATCH), warmup=(0, 10**6), iters=(1, 10**6), repeats=(1, 1000),
                      cpu_threads=(1, 4096), alone_wait_s=(0, 30 * 86400))

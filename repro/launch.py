@@ -43,7 +43,7 @@ from repro.config import BenchConfig, EvalConfig, RunConfig, SampleConfig, proto
 from repro.errors import ConfigError, did_you_mean
 from repro.plan import Plan, Run, Stage, stage_states
 from repro.study import MAX_TIME_MIN, parse_time
-from repro.yamlio import Where, _show, check_ranges, check_text, from_dict, read_yaml
+from repro.yamlio import Where, show_value, check_ranges, check_text, from_dict, read_yaml
 
 CLUSTERS = ("slurm", "local", "debug")
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
@@ -91,7 +91,7 @@ class Profile:
             check_text(line, f"setup.{i}")
         for key, value in self.additional.items():
             if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,63}", key):
-                raise ConfigError(f"not an sbatch option name (letters, digits, '-' and '_'), got {_show(key)}",
+                raise ConfigError(f"not an sbatch option name (letters, digits, '-' and '_'), got {show_value(key)}",
                                   key="additional")
             if value is False:  # submitit would write `--key=False`, which sbatch does not read as "off"
                 raise ConfigError("false is no sbatch value: leave the option out to turn it off",
@@ -99,7 +99,8 @@ class Profile:
             if isinstance(value, str):
                 check_text(value, f"additional.{key}", limit=1024)
             elif isinstance(value, float) and not math.isfinite(value) or not isinstance(value, str | int | float):
-                raise ConfigError(f"expected a string, a number or true, got {_show(value)}", key=f"additional.{key}")
+                raise ConfigError(f"expected a string, a number or true, got {show_value(value)}",
+                                  key=f"additional.{key}")
 
 
 def load_profile(path: str | Path) -> Profile:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from repro import rundir
-from repro.config import current_eval, protocol_id, sample_stems
+from repro.config import is_current_eval, protocol_id, sample_stems
 from repro.precision import departures
 from repro.plan import Plan, Run, stage_states
 
@@ -44,7 +44,11 @@ COLUMNS = ("study", "step", "label", "model", "switches", "seed", "run_id", "pap
 def read_eval(path: Path) -> dict:
     """An eval record (eval/<stem>.<tag>.json) holding every part a report reads; DamagedFile naming the file when
     it does not (a torn or zeroed write, or another structure), so that its score is never silently missing."""
-    record = rundir.read_json_file(path)
+    return check_eval(rundir.read_json_file(path), path)
+
+
+def check_eval(record: object, path: Path) -> dict:
+    """`record`, read from `path`, if it holds every part a report reads; DamagedFile naming `path` if not."""
     if not isinstance(record, dict):
         raise rundir.DamagedFile(path, f"holds a JSON {type(record).__name__}, not an eval record")
     for key in ("metrics", "labels", "protocol", "paper_protocol"):
@@ -76,9 +80,9 @@ def damaged_outputs(run: Run, root: Path) -> dict[str, rundir.DamagedFile]:
             if not path.exists():
                 continue
             try:
-                rundir.read_json_file(path)  # unparseable: damaged, whoever wrote it
-                if current_eval(path):  # a record of an older evaluator is stale (run again), not damaged
-                    read_eval(path)
+                record = rundir.read_json_file(path)  # unparseable: damaged, whoever wrote it
+                if is_current_eval(record):  # a record of an older evaluator is stale (run again), not damaged
+                    check_eval(record, path)
             except rundir.DamagedFile as e:
                 out[stage.name] = e
                 break

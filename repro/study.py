@@ -16,7 +16,7 @@ from repro.config import MAX_SEED, BenchConfig, EvalConfig, RunConfig, SampleCon
 from repro.errors import ConfigError, did_you_mean
 from repro.modelcheck import model_checks
 from repro.paper import load_paper
-from repro.yamlio import Where, _show, check_ranges, check_text, from_dict, plain, read_yaml
+from repro.yamlio import Where, show_value, check_ranges, check_text, from_dict, plain, read_yaml
 
 # Study and step names become folder names (reports/<study>), job names in sbatch scripts and report text: one
 # short word of letters, digits and . _ + -, starting with a letter or digit (so never "..", "/" or a hidden
@@ -29,7 +29,7 @@ def check_name(name: str, key: str, extra: str = "._+-") -> None:
     if len(name) > NAME_MAX or ".." in name or not re.fullmatch(rf"[A-Za-z0-9][A-Za-z0-9{re.escape(extra)}]*", name):
         allowed = ", ".join(f"'{c}'" for c in extra)
         raise ConfigError(f"use letters, digits and {allowed} only (1 to {NAME_MAX} characters, starting with a "
-                          f"letter or digit), got {_show(name)}", key=key)
+                          f"letter or digit), got {show_value(name)}", key=key)
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def parse_time(text: str) -> int:
     """SLURM time (`MM`, `HH:MM:SS`, `D-HH:MM:SS`, `D-HH`) in minutes, rounded up."""
     m = re.fullmatch(r"(?:([0-9]{1,6})-)?([0-9]{1,9})(?::([0-9]{1,9}))?(?::([0-9]{1,9}))?", text.strip())
     if not m:
-        raise ValueError(f"not a SLURM time (MM, HH:MM:SS, D-HH or D-HH:MM:SS): {_show(text)}")
+        raise ValueError(f"not a SLURM time (MM, HH:MM:SS, D-HH or D-HH:MM:SS): {show_value(text)}")
     days, a, b, c = (int(g) if g else None for g in m.groups())
     if days is None and b is None:
         return a                                   # MM
@@ -182,7 +182,7 @@ def _read_study_file(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[st
     path = path.resolve()
     data, lines = read_yaml(path)
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}:1: expected a mapping at the top, got {_show(data)}")
+        raise ConfigError(f"{path}:1: expected a mapping at the top, got {show_value(data)}")
     files = {k: str(path) for k in lines}
     parent = data.get("extends")
     if parent is None:

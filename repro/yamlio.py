@@ -123,7 +123,7 @@ class Where:
 def from_dict(cls, data: Any, where: Where = Where(), prefix: str = ""):
     """Build dataclass `cls` from plain data, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where.at(prefix.rstrip('.') or '<top>')}: expected a mapping, got {_show(data)}")
+        raise ConfigError(f"{where.at(prefix.rstrip('.') or '<top>')}: expected a mapping, got {show_value(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -150,7 +150,7 @@ def _convert(tp, value, where: Where, dotted: str):
         return from_dict(tp, value, where, dotted + ".")
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{where.at(dotted)}: {_show(value)} is not one of "
+            raise ConfigError(f"{where.at(dotted)}: {show_value(value)} is not one of "
                               f"{', '.join(repr(a) for a in args)}{did_you_mean(str(value), map(str, args))}")
         return value
     if origin in (typing.Union, types.UnionType):
@@ -167,23 +167,23 @@ def _convert(tp, value, where: Where, dotted: str):
         raise ConfigError(f"{where.at(dotted)}: {' or '.join(errors)}")
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where.at(dotted)}: expected a list, got {_show(value)}")
+            raise ConfigError(f"{where.at(dotted)}: expected a list, got {show_value(value)}")
         return tuple(_convert(args[0], v, where, f"{dotted}.{i}") for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, list | tuple) or len(value) != len(args):
-            raise ConfigError(f"{where.at(dotted)}: expected a list of {len(args)}, got {_show(value)}")
+            raise ConfigError(f"{where.at(dotted)}: expected a list of {len(args)}, got {show_value(value)}")
         return tuple(_convert(a, v, where, f"{dotted}.{i}") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where.at(dotted)}: expected a mapping, got {_show(value)}")
+            raise ConfigError(f"{where.at(dotted)}: expected a mapping, got {show_value(value)}")
         return {str(k): (tuple(v) if isinstance(v, list) else v) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where.at(dotted)}: expected true or false, got {_show(value)}")
+            raise ConfigError(f"{where.at(dotted)}: expected true or false, got {show_value(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where.at(dotted)}: expected an integer, got {_show(value)}")
+            raise ConfigError(f"{where.at(dotted)}: expected an integer, got {show_value(value)}")
         return value
     if tp is float:
         number = None
@@ -196,20 +196,20 @@ def _convert(tp, value, where: Where, dotted: str):
             try:
                 number = float(value)
             except OverflowError:  # an integer beyond a float's range
-                raise ConfigError(f"{where.at(dotted)}: out of range, got {_show(value)}") from None
+                raise ConfigError(f"{where.at(dotted)}: out of range, got {show_value(value)}") from None
         if number is None:
-            raise ConfigError(f"{where.at(dotted)}: expected a number, got {_show(value)}")
+            raise ConfigError(f"{where.at(dotted)}: expected a number, got {show_value(value)}")
         if not math.isfinite(number):  # .inf / .nan: no config value means them, and NaN compares false to any bound
-            raise ConfigError(f"{where.at(dotted)}: must be a finite number, got {_show(value)}")
+            raise ConfigError(f"{where.at(dotted)}: must be a finite number, got {show_value(value)}")
         return number
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where.at(dotted)}: expected a string, got {_show(value)}")
+            raise ConfigError(f"{where.at(dotted)}: expected a string, got {show_value(value)}")
         return value
     raise AssertionError(f"unsupported config type {tp} at {dotted}")
 
 
-def _show(value) -> str:
+def show_value(value) -> str:
     """A user's value for a one-line message: its repr (which escapes control characters), shortened."""
     if value is None:
         return "nothing"
@@ -249,7 +249,7 @@ def check_text(value: str | None, key: str, limit: int = 4096) -> None:
         return
     bad = hidden_characters(value)
     if bad:
-        raise ConfigError(f"control or bidi character {', '.join(bad)} not allowed, got {_show(value)}", key=key)
+        raise ConfigError(f"control or bidi character {', '.join(bad)} not allowed, got {show_value(value)}", key=key)
     if len(value) > limit:
         raise ConfigError(f"longer than {limit} characters ({len(value)})", key=key)
 
@@ -266,7 +266,7 @@ def check_ranges(obj, **bounds: tuple[float, float]) -> None:
             if isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(f"must be a finite number, got {v}", key=name)
             if v < low:
-                raise ConfigError(f"must be >= {low}, got {_show(v)}", key=name)
+                raise ConfigError(f"must be >= {low}, got {show_value(v)}", key=name)
             if v > high:
                 limit = f"{high:_}" if high >= 10**5 else f"{high}"  # 1_000_000_000: readable, and valid YAML
-                raise ConfigError(f"must be <= {limit}, got {_show(v)}", key=name)
+                raise ConfigError(f"must be <= {limit}, got {show_value(v)}", key=name)
