@@ -122,7 +122,7 @@ def evaluate_file(samples: Path, cfg: EvalConfig, cache: Path, extractor: ex.Ext
     spec = cfg.reference_spec  # a missing reference fails before any weights are loaded
     images = _sample_images(samples)
     sidecar = samples.with_suffix(".json")
-    sample = _sidecar(sidecar) if sidecar.is_file() else {}
+    sample = rundir.read_json_file(sidecar, "a sampling protocol") if sidecar.is_file() else {}
     extractor = extractor or build_extractor(cfg, cache, log, ex.classifier_resolution(images))
     reference = load_reference(spec, extractor, cache, set(cfg.metrics), cfg.batch_size, cfg.pr_distances)
     started = time.perf_counter()
@@ -156,14 +156,6 @@ def _sample_images(samples: Path) -> np.ndarray:
     if len(images) == 0:
         raise ConfigError(f"{samples}: holds 0 images (arr_0 has shape {tuple(images.shape)}); nothing to evaluate")
     return images
-
-
-def _sidecar(path: Path) -> dict:
-    """The sampling protocol beside a samples npz (samples/<stem>.json); DamagedFile naming it if unreadable."""
-    record = rundir.read_json_file(path)
-    if not isinstance(record, dict):
-        raise rundir.DamagedFile(path, f"holds a JSON {type(record).__name__}, not a sampling protocol")
-    return record
 
 
 def build_extractor(cfg: EvalConfig, cache: Path, log=print, resolution: int = 32) -> ex.Extractor:

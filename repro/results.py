@@ -44,13 +44,11 @@ COLUMNS = ("study", "step", "label", "model", "switches", "seed", "run_id", "pap
 def read_eval(path: Path) -> dict:
     """An eval record (eval/<stem>.<tag>.json) holding every part a report reads; DamagedFile naming the file when
     it does not (a torn or zeroed write, or another structure), so that its score is never silently missing."""
-    return check_eval(rundir.read_json_file(path), path)
+    return check_eval(rundir.read_json_file(path, "an eval record"), path)
 
 
-def check_eval(record: object, path: Path) -> dict:
+def check_eval(record: dict, path: Path) -> dict:
     """`record`, read from `path`, if it holds every part a report reads; DamagedFile naming `path` if not."""
-    if not isinstance(record, dict):
-        raise rundir.DamagedFile(path, f"holds a JSON {type(record).__name__}, not an eval record")
     for key in ("metrics", "labels", "protocol", "paper_protocol"):
         if not isinstance(record.get(key), dict):
             raise rundir.DamagedFile(path, f"no {key!r} mapping")
@@ -80,7 +78,7 @@ def damaged_outputs(run: Run, root: Path) -> dict[str, rundir.DamagedFile]:
             if not path.exists():
                 continue
             try:
-                record = rundir.read_json_file(path)  # unparseable: damaged, whoever wrote it
+                record = rundir.read_json_file(path, "an eval record")  # unparseable: damaged, whoever wrote it
                 if is_current_eval(record):  # a record of an older evaluator is stale (run again), not damaged
                     check_eval(record, path)
             except rundir.DamagedFile as e:
@@ -134,8 +132,8 @@ def bench_record(plan: Plan, root: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        record = rundir.read_json_file(path)
-        if not isinstance(record, dict) or not isinstance(record.get("runs"), dict) or \
+        record = rundir.read_json_file(path, "a bench record")
+        if not isinstance(record.get("runs"), dict) or \
                 not all(isinstance(r, dict) for r in record["runs"].values()):
             raise rundir.DamagedFile(path, "not a bench record: no 'runs' mapping")
     except rundir.DamagedFile as e:  # the bench stage redoes it (plan.benched_runs finds no run in it)

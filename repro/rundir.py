@@ -105,14 +105,18 @@ def warn(message: str) -> None:
         print(f"repro: warning: {message}", file=sys.stderr)
 
 
-def read_json_file(path: Path) -> object:
-    """JSON of a run-folder file; DamagedFile naming it when it cannot be read or parsed."""
+def read_json_file(path: Path, what: str = "a record") -> dict:
+    """The JSON object of a run-folder file; DamagedFile naming it when it cannot be read or parsed, or holds
+    something other than an object (`what` it should hold)."""
     try:
-        return json.loads(Path(path).read_bytes())
+        data = json.loads(Path(path).read_bytes())
     except OSError as e:
         raise DamagedFile(path, f"cannot read: {e.strerror or e}") from None
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError: a torn or zeroed write
         raise DamagedFile(path, f"not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise DamagedFile(path, f"holds a JSON {type(data).__name__}, not {what}")
+    return data
 
 
 def read_state(paths: RunPaths) -> dict:
@@ -120,8 +124,8 @@ def read_state(paths: RunPaths) -> dict:
     DamagedFile naming it when it cannot be read as such."""
     if not paths.state.exists():
         return {"run": paths.root.name, "stages": {}}
-    data = read_json_file(paths.state)
-    if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
+    data = read_json_file(paths.state, "a state record")
+    if not isinstance(data.get("stages"), dict):
         raise DamagedFile(paths.state, "not a state record: no 'stages' mapping")
     bad = [k for k, v in data["stages"].items()
            if not isinstance(v, dict) or not isinstance(v.get("history", []), list)]
