@@ -6,6 +6,7 @@ as soon as a job spans nodes or each process sees a single GPU (`specs/protocol.
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 from dataclasses import dataclass
@@ -15,6 +16,11 @@ import torch.distributed as dist
 
 
 DEVICE_ENV = "REPRO_DEVICE"  # "cpu": run on the CPU even where a GPU is visible (`repro pilot --device cpu`)
+# How long a collective may wait for a peer before it raises (the launcher sets it from the cluster profile's
+# collective_timeout_s). gloo's default is 30 min and a hung NCCL peer can hold an allocation far longer; with a
+# bound, a job whose task died or hangs ends, and is resubmitted from its last checkpoint.
+TIMEOUT_ENV = "REPRO_COLLECTIVE_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 900  # above a rank-0 checkpoint write of an XL model (the others wait in a barrier)
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -78,9 +84,58 @@ def init() -> DistEnv:
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=collective_timeout_s()))
     rank = dist.get_rank() if world > 1 else 0
     return DistEnv(rank=rank, world=world, local_rank=local_rank, device=device)
+
+
+def collective_timeout_s(environ=os.environ) -> float:
+    raw = environ.get(TIMEOUT_ENV)
+    try:
+        value = float(raw) if raw else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: not a number of seconds") from None
+    if not 0 < value < 10**7:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: must be > 0 seconds")
+    return value
+
+
+class PairwiseSum:
+    """The sum of 2^m tensors added one by one, over the balanced binary tree of their order.
+
+    Float addition is not associative, but every aligned block of 2^j consecutive terms is one subtree: a process
+    holding terms [r*n, (r+1)*n) sums them to exactly the node that one process summing all terms computes, and the
+    tree over the W blocks (`all_gather_sum`) is the rest of that tree. At most log2(count) partial sums are held.
+    """
+
+    def __init__(self):
+        self._stack: list[tuple[int, torch.Tensor]] = []  # (number of terms, their sum), sizes strictly falling
+
+    def add(self, x: torch.Tensor) -> None:
+        size = 1
+        while self._stack and self._stack[-1][0] == size:
+            _, left = self._stack.pop()
+            x, size = left + x, size * 2
+        self._stack.append((size, x))
+
+    def total(self) -> torch.Tensor:
+        if len(self._stack) != 1:
+            raise ValueError(f"a pairwise sum of {sum(n for n, _ in self._stack)} terms: not a power of two")
+        return self._stack[0][1]
+
+
+def all_gather_sum(partial: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Every rank's `partial` (an aligned subtree of `PairwiseSum`), summed over the tree in rank order; the same
+    bits on every rank, and the same as one process summing all the terms (for a power-of-two world size)."""
+    if env.world == 1:
+        return partial
+    parts = [torch.empty_like(partial) for _ in range(env.world)]
+    dist.all_gather(parts, partial.contiguous())
+    tree = PairwiseSum()
+    for p in parts:
+        tree.add(p)
+    return tree.total()
 
 
 def all_mean(values: torch.Tensor, env: DistEnv) -> torch.Tensor:

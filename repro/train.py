@@ -139,6 +139,9 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
     device = env.device
     if t.global_batch % env.world:
         raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by {env.world} processes")
+    if t.reduce_shards and t.reduce_shards % env.world:
+        raise ConfigError(f"train.reduce_shards={t.reduce_shards} cannot be split over {env.world} processes "
+                          f"(use a power of two up to {t.reduce_shards})")
     set_tf32(t.tf32_matmul, t.tf32_cudnn)
     amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t.amp]
     paths = rundir.RunPaths(run_dir)
@@ -201,8 +204,9 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
     if env.is_main and (torn := rundir.truncate_jsonl(paths.metrics, step)):
         _note(paths, f"{paths.metrics}: dropped {torn} line(s) that are not a JSON record (a torn append); "
                      f"the steps after {step} are logged again")
+    exact = t.reduce_shards is not None  # gradients summed over a fixed tree of shards: no DDP
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if env.world > 1 else model
+        if env.world > 1 and not exact else model
     if t.compile:  # the wrapper, not the module: checkpoints and the EMA keep the module's own parameter names
         net = torch.compile(net)
     model.train()
@@ -219,6 +223,8 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
     null_class = model.num_classes
     step_gen = torch.Generator(device=device)
     sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, mse, vb over the log window
+    # the window's sums over ranks: already the same bits on every rank where the shards' losses were tree-summed
+    over_ranks = (lambda v: v) if exact else (lambda v: distributed.all_mean(v, env))
     window_steps = 0
     if window is not None:  # a resume between log steps: the window goes on where it stopped (metrics bit-exact)
         sums.copy_(window["sums"])
@@ -244,22 +250,43 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
         noise = torch.randn(shape, generator=step_gen, device=device)[sl]
         drop = (torch.rand(t.global_batch, generator=step_gen, device=device) < model.class_dropout_prob)[sl]
         y = torch.where(drop, torch.full_like(y, null_class), y)
-        torch.manual_seed(seed_for(t.seed, "rank", env.rank, step))  # anything else random inside the step
 
         lr = t.lr * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else t.lr
         for group in opt.param_groups:
             group["lr"] = lr
 
-        def model_fn(xt, tt, y=y):
+        def model_fn(xt, tt, y):
             with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
                 # Only the model sees NHWC: the diffusion's reductions (loss, VLB) sum in the same order whatever
                 # layout the model ran in.
                 return net(xt.to(memory_format=memory_format), tt, y).float().contiguous()
 
-        losses = diffusion.training_losses(model_fn, x, timesteps, noise=noise)
-        loss = losses["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        def shard_loss(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+            """Backward of one part of this rank's share; its (loss, mse, vb) means, detached."""
+            losses = diffusion.training_losses(lambda xt, tt: model_fn(xt, tt, y[part]), x[part], timesteps[part],
+                                               noise=noise[part])
+            loss = losses["loss"].mean()
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            return torch.stack([loss.detach(), losses["mse"].mean().detach(), losses["vb"].mean().detach()])
+
+        if not exact:
+            torch.manual_seed(seed_for(t.seed, "rank", env.rank, step))  # anything else random inside the step
+            stats = shard_loss(slice(None)).double()
+        else:
+            grads, parts = distributed.PairwiseSum(), distributed.PairwiseSum()
+            size = t.global_batch // t.reduce_shards
+            for k in range(local // size):
+                torch.manual_seed(seed_for(t.seed, "shard", env.rank * (local // size) + k, step))
+                parts.add(shard_loss(slice(k * size, (k + 1) * size)).double())
+                with_grad = [p for p in live_params if p.grad is not None]
+                grads.add(torch.cat([p.grad.reshape(-1) for p in with_grad]))
+            total = distributed.all_gather_sum(grads.total(), env) / t.reduce_shards  # a power of two: exact
+            offset = 0
+            for p in with_grad:  # into the last shard's gradient tensors, which have the parameters' layout
+                p.grad.copy_(total[offset:offset + p.numel()].view(p.shape))
+                offset += p.numel()
+            stats = distributed.all_gather_sum(parts.total(), env) / t.reduce_shards
         grad_norm = None
         if t.grad_clip is not None:
             scaler.unscale_(opt)
@@ -268,7 +295,7 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
         scaler.update()
         update_ema(ema_params, live_params, t.ema_decay)
         step += 1
-        sums += torch.stack([loss.detach(), losses["mse"].mean().detach(), losses["vb"].mean().detach()]).double()
+        sums += stats
         window_steps += 1
         timed_steps += 1
 
@@ -278,7 +305,7 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
                     torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
             distributed.synchronize(device)
             elapsed = time.perf_counter() - window_start
-            mean = distributed.all_mean(sums / window_steps, env)
+            mean = over_ranks(sums / window_steps)
             if not torch.isfinite(mean).all():
                 raise TrainingDiverged(f"non-finite loss between steps {step - window_steps} and {step}; "
                                        f"last good checkpoint: {rundir.latest_checkpoint(paths) or 'none'}")
@@ -296,7 +323,7 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
         if step % t.ckpt_every == 0 or step == t.steps or stopping or step in keep_steps:
             # The open log window's sums, averaged over ranks (a collective: on every rank), go into the
             # checkpoint, so a resume at a step that is not a log step logs the same numbers as no resume.
-            window = distributed.all_mean(sums, env)
+            window = over_ranks(sums)
             if window_steps and not torch.isfinite(window).all():
                 raise TrainingDiverged(f"non-finite loss before step {step}; the checkpoint was not written; "
                                        f"last good checkpoint: {rundir.latest_checkpoint(paths) or 'none'}")

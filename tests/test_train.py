@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from repro.config import RunConfig
+from repro.errors import ConfigError
 from repro.train import StepBatches, TrainingDiverged, train
 from repro.yamlio import from_dict
 
@@ -122,6 +123,80 @@ def test_ddp_two_processes_match_one(tmp_path):
     assert len(l1) == len(l2) == 5
     assert l1 == pytest.approx(l2, abs=1e-5)
     assert torch.load(two / "train" / "checkpoints" / "0000005.pt", weights_only=False)["world"] == 2
+
+
+def _ranks(config: Path, out: Path, world: int, **extra) -> list[subprocess.Popen]:
+    port = str(_free_port())
+    return [subprocess.Popen(_cmd(config, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                                      MASTER_PORT=port, **extra)) for r in range(world)]
+
+
+@needs_fashion
+def test_reduce_shards_make_1_2_and_4_processes_bit_identical(tmp_path):
+    """train.reduce_shards=4: the gradient of each quarter of the batch, summed over one fixed tree, whatever
+    process holds which quarter; weights, EMA, AdamW moments and logged losses are the same bits."""
+    config = _config(tmp_path, family="DiT", steps=6, ckpt_every=3, reduce_shards=4)
+    outs = {w: tmp_path / f"w{w}" for w in (1, 2, 4)}
+    subprocess.run(_cmd(config, outs[1]), env=_env(), check=True, capture_output=True)
+    for world in (2, 4):
+        for p in _ranks(config, outs[world], world):
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err.decode()
+    for world in (2, 4):
+        _assert_same_final_state(outs[1], outs[world], 6)
+        assert [m["loss"] for m in _metrics(outs[world])] == [m["loss"] for m in _metrics(outs[1])]
+        assert torch.load(outs[world] / "train" / "checkpoints" / "0000006.pt", weights_only=True)["world"] == world
+    # without it, DDP's all-reduce sums the ranks' gradients in another order: close, not equal (why it exists)
+    (tmp_path / "plain").mkdir()
+    plain = _config(tmp_path / "plain", family="DiT", steps=6, ckpt_every=3)
+    subprocess.run(_cmd(plain, tmp_path / "p1"), env=_env(), check=True, capture_output=True)
+    for p in _ranks(plain, tmp_path / "p2", 2):
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()
+    with pytest.raises(AssertionError, match="differs"):
+        _assert_same_final_state(tmp_path / "p1", tmp_path / "p2", 6)
+
+
+@needs_fashion
+def test_reduce_shards_that_the_world_cannot_split_is_refused(tmp_path):
+    config = _config(tmp_path, family="DiT", steps=2, reduce_shards=2)
+    procs = _ranks(config, tmp_path / "w4", 4)
+    errs = [p.communicate(timeout=300)[1].decode() for p in procs]
+    assert all(p.returncode == 2 for p in procs), errs
+    assert "train.reduce_shards=2 cannot be split over 4 processes" in errs[0]
+
+
+def test_reduce_shards_must_be_a_power_of_two_dividing_the_batch():
+    for k in (3, 16):
+        with pytest.raises(ConfigError, match="reduce_shards.*power of two that divides global_batch=8"):
+            from_dict(RunConfig, {"model": TINY["DiT"], "train": {"global_batch": 8, "reduce_shards": k}})
+
+
+@needs_fashion
+def test_a_hung_peer_ends_the_job_within_the_collective_timeout(tmp_path):
+    """Rank 1 stopped (SIGSTOP: alive, silent, as a hung node) after step 2: rank 0 waits in the next collective at
+    most REPRO_COLLECTIVE_TIMEOUT_S, then fails, instead of holding its allocation for gloo's 30 minutes."""
+    config = _config(tmp_path, family="DiT", steps=10_000, ckpt_every=10_000, log_every=1)
+    out = tmp_path / "run"
+    procs = _ranks(config, out, 2, REPRO_COLLECTIVE_TIMEOUT_S="5")
+    try:
+        metrics = out / "train" / "metrics.jsonl"
+        deadline = time.time() + 120
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert time.time() < deadline and procs[0].poll() is None, procs[0].stderr.read().decode()
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        _, err = procs[0].communicate(timeout=60)
+        waited = time.monotonic() - stopped
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[0].returncode not in (0, None)
+    assert 4 <= waited < 5 + 10, (waited, err.decode()[-2000:])  # the bound, plus the step in flight
+    assert "timeout" in err.decode().lower() or "timed out" in err.decode().lower(), err.decode()[-2000:]
 
 
 def test_step_batches_are_world_size_invariant_and_resumable():
