@@ -106,7 +106,7 @@ class PairwiseSum:
 
     Float addition is not associative, but every aligned block of 2^j consecutive terms is one subtree: a process
     holding terms [r*n, (r+1)*n) sums them to exactly the node that one process summing all terms computes, and the
-    tree over the W blocks (`all_gather_sum`) is the rest of that tree. At most log2(count) partial sums are held.
+    tree over the W blocks (`tree_sum`) is the rest of that tree. At most log2(count) partial sums are held.
     """
 
     def __init__(self):
@@ -125,17 +125,26 @@ class PairwiseSum:
         return self._stack[0][1]
 
 
-def all_gather_sum(partial: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    """Every rank's `partial` (an aligned subtree of `PairwiseSum`), summed over the tree in rank order; the same
-    bits on every rank, and the same as one process summing all the terms (for a power-of-two world size)."""
+def tree_sum(partial: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Every rank's `partial` (its aligned subtree of a `PairwiseSum`), summed up the rest of the tree in rank order:
+    the same bits on every rank, and the same as one process summing all the terms. World size a power of two.
+
+    A binary reduction to rank 0 (log2(W) rounds of send/recv, each adding its right neighbour's subtree to its
+    own) and a broadcast: memory of two partials, unlike an all-gather of W. `partial` may be overwritten.
+    """
     if env.world == 1:
         return partial
-    parts = [torch.empty_like(partial) for _ in range(env.world)]
-    dist.all_gather(parts, partial.contiguous())
-    tree = PairwiseSum()
-    for p in parts:
-        tree.add(p)
-    return tree.total()
+    x, stride = partial, 1
+    while stride < env.world:
+        if env.rank % (2 * stride):  # the right child at this level: hand its subtree to the left one, done
+            dist.send(x.contiguous(), dst=env.rank - stride)
+            break
+        right = torch.empty_like(x)
+        dist.recv(right, src=env.rank + stride)
+        x, stride = x + right, stride * 2
+    x = x.contiguous()
+    dist.broadcast(x, src=0)
+    return x
 
 
 def all_mean(values: torch.Tensor, env: DistEnv) -> torch.Tensor:

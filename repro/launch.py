@@ -58,6 +58,9 @@ class Profile:
 
     cpus_per_task, mem_gb and gpus_per_node cap the study's requests (a study written for 8-GPU nodes still
     plans on a CPU test node); partition, account, qos and constraint fill in what the study leaves unset.
+    collective_timeout_s bounds how long a rank waits for a dead or hung peer in a collective before its job fails
+    (and `repro submit` resumes it from the last checkpoint); it must exceed a checkpoint write, which the other
+    ranks wait out in a barrier. Unset: `repro.distributed.DEFAULT_TIMEOUT_S`.
     """
 
     cluster: str = "slurm"
@@ -72,6 +75,7 @@ class Profile:
     gpus_per_node: int | None = None
     signal_delay_s: int = 120
     max_num_timeout: int = 20
+    collective_timeout_s: int | None = None
     setup: tuple[str, ...] = ()
     additional: dict[str, Any] = field(default_factory=dict)
 
@@ -82,7 +86,8 @@ class Profile:
             if (getattr(self, name) or 0) < 0:
                 raise ConfigError(f"must be >= 0, got {getattr(self, name)}", key=name)
         check_ranges(self, time_min=(0, MAX_TIME_MIN), cpus_per_task=(0, 4096), mem_gb=(0, 2**20),
-                     gpus_per_node=(0, 64), signal_delay_s=(0, 86400), max_num_timeout=(0, 10**4))
+                     gpus_per_node=(0, 64), signal_delay_s=(0, 86400), max_num_timeout=(0, 10**4),
+                     collective_timeout_s=(1, 7 * 86400))
         # Everything below lands in the job script. A newline would start a line of its own there (another
         # #SBATCH option, or a command); option names are not quoted by submitit, so they are plain words.
         for name in ("partition", "preempt_partition", "account", "qos", "constraint"):
@@ -148,10 +153,15 @@ class StageJob(_Resubmittable):
     config: RunConfig
     sample: SampleConfig | None = None
     evaluation: EvalConfig | None = None
+    collective_timeout_s: int | None = None  # the profile's; None: the trainer's default
 
     def __call__(self) -> str:
         root = Path(self.root)
         job_id, rank = _job_identity()
+        if self.collective_timeout_s is not None:
+            from repro.distributed import TIMEOUT_ENV
+
+            os.environ[TIMEOUT_ENV] = str(self.collective_timeout_s)
         if rank == 0:
             entry = read_state(root, self.run_id)["stages"].get(self.stage, {})
             record(root, self.run_id, self.stage, "running", job_id=job_id or entry.get("job_id"),
@@ -195,7 +205,8 @@ class StageJob(_Resubmittable):
             try:
                 train(self.config, run_dir, progress=False, stop=lambda: bool(asked), keep_steps=keep)
             except Interrupted as e:
-                record(Path(self.root), self.run_id, self.stage, "requeued", interrupted_at=e.step)
+                if _job_identity()[1] == 0:
+                    record(Path(self.root), self.run_id, self.stage, "requeued", interrupted_at=e.step)
                 if callable(submitit_handler):
                     submitit_handler(signal.SIGUSR2, None)  # checkpoint() + requeue + exit on rank 0
                 raise _Requeue() from e
@@ -547,6 +558,8 @@ def _requests(stage: Stage, run: Run, plan: Plan, profile: Profile) -> dict:
             params[f"slurm_{key}"] = value
     if profile.setup:
         params["slurm_setup"] = list(profile.setup)
+    # a task that dies ends its whole step at once: its peers would otherwise wait in a collective for the timeout
+    params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
     return params
 
 
@@ -692,13 +705,13 @@ def _recorded_bench(root: Path, job: StudyBench, job_id: str | None, cluster: st
     return out
 
 
-def _job(d: Decision, plan: Plan, root: Path) -> StageJob:
+def _job(d: Decision, plan: Plan, root: Path, collective_timeout_s: int | None = None) -> StageJob:
     sample = None
     if d.stage.name.startswith(("sample:", "evaluate:")):
         pid = d.stage.name.split(":", 1)[1]
         sample = next(s for s in plan.study.samples if protocol_id(s) == pid)
     study = plan.study.study
-    return StageJob(str(root), d.run.id, d.stage.name, d.run.config, sample, study.evaluate)
+    return StageJob(str(root), d.run.id, d.stage.name, d.run.config, sample, study.evaluate, collective_timeout_s)
 
 
 def _executor(cluster: str, folder: Path, name: str, params: dict, profile: Profile):
@@ -738,7 +751,7 @@ def _submit_slurm(todo: list[Decision], decisions: list[Decision], plan: Plan, r
         ex = _executor("slurm", folder, f"repro-{plan.study.study.study}-{group[0].stage.name}", json.loads(key),
                        profile)
         with ex.batch():
-            submitted = [(d, ex.submit(_job(d, plan, root))) for d in group]
+            submitted = [(d, ex.submit(_job(d, plan, root, profile.collective_timeout_s))) for d in group]
         for d, job in submitted:
             jobs.append(_recorded(root, d, job.job_id, "slurm"))
             ids[(d.run.id, d.stage.name)] = job.job_id
@@ -750,7 +763,7 @@ def _submit_slurm(todo: list[Decision], decisions: list[Decision], plan: Plan, r
         if pending:
             params["dependency"] = "afterok:" + ":".join(pending)
         ex = _executor("slurm", folder, _job_name(plan, d), params, profile)
-        job = ex.submit(_job(d, plan, root))
+        job = ex.submit(_job(d, plan, root, profile.collective_timeout_s))
         jobs.append(_recorded(root, d, job.job_id, "slurm"))
         ids[(d.run.id, d.stage.name)] = job.job_id
     if bench:  # needs no other stage: queued at once

@@ -198,9 +198,9 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
         del state
     # Where each rank runs, from the rank itself: the job's layout is in the run folder, not in a guess.
     rundir.append_line(paths.train / "ranks.jsonl", json.dumps({
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "rank": env.rank,
-        "local_rank": env.local_rank, "world": env.world, "device": str(device), "start_step": step,
-        "slurm_job": os.environ.get("SLURM_JOB_ID")}))
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "pid": os.getpid(),
+        "rank": env.rank, "local_rank": env.local_rank, "world": env.world, "device": str(device),
+        "start_step": step, "slurm_job": os.environ.get("SLURM_JOB_ID")}))
     if env.is_main and (torn := rundir.truncate_jsonl(paths.metrics, step)):
         _note(paths, f"{paths.metrics}: dropped {torn} line(s) that are not a JSON record (a torn append); "
                      f"the steps after {step} are logged again")
@@ -281,12 +281,12 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
                 parts.add(shard_loss(slice(k * size, (k + 1) * size)).double())
                 with_grad = [p for p in live_params if p.grad is not None]
                 grads.add(torch.cat([p.grad.reshape(-1) for p in with_grad]))
-            total = distributed.all_gather_sum(grads.total(), env) / t.reduce_shards  # a power of two: exact
+            total = distributed.tree_sum(grads.total(), env) / t.reduce_shards  # a power of two: exact
             offset = 0
             for p in with_grad:  # into the last shard's gradient tensors, which have the parameters' layout
                 p.grad.copy_(total[offset:offset + p.numel()].view(p.shape))
                 offset += p.numel()
-            stats = distributed.all_gather_sum(parts.total(), env) / t.reduce_shards
+            stats = distributed.tree_sum(parts.total(), env) / t.reduce_shards
         grad_norm = None
         if t.grad_clip is not None:
             scaler.unscale_(opt)

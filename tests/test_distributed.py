@@ -1,8 +1,10 @@
 """Process-group variables from the environment: torchrun's are used as they are, a plain srun task's derived."""
 
 import pytest
+import torch
 
-from repro.distributed import env_from_slurm, first_host
+from repro.distributed import (DEFAULT_TIMEOUT_S, TIMEOUT_ENV, PairwiseSum, collective_timeout_s, env_from_slurm,
+                               first_host)
 
 
 def test_srun_task_gets_torch_variables():
@@ -34,3 +36,34 @@ def test_torchrun_or_single_task_is_left_alone():
 def test_missing_rendezvous_is_an_error():
     with pytest.raises(ValueError, match="rendezvous"):
         env_from_slurm({"SLURM_NTASKS": "2", "SLURM_PROCID": "1"})
+
+
+def test_pairwise_sum_of_aligned_blocks_is_the_sum_of_all_terms_bit_for_bit():
+    g = torch.Generator().manual_seed(0)
+    terms = [torch.randn(1000, generator=g) * 10 ** float(i % 5) for i in range(16)]
+    whole = PairwiseSum()
+    for t in terms:
+        whole.add(t)
+    for block in (1, 2, 4, 8, 16):  # what each of 16 / block processes holds, then the tree over processes
+        outer = PairwiseSum()
+        for start in range(0, 16, block):
+            inner = PairwiseSum()
+            for t in terms[start:start + block]:
+                inner.add(t)
+            outer.add(inner.total())
+        assert torch.equal(outer.total(), whole.total())
+    left_to_right = sum(terms[1:], terms[0].clone())
+    assert not torch.equal(left_to_right, whole.total())  # the order matters: why the tree is fixed
+    three = PairwiseSum()
+    for t in terms[:3]:
+        three.add(t)
+    with pytest.raises(ValueError, match="3 terms: not a power of two"):
+        three.total()
+
+
+def test_collective_timeout_from_the_environment():
+    assert collective_timeout_s({}) == DEFAULT_TIMEOUT_S
+    assert collective_timeout_s({TIMEOUT_ENV: "60"}) == 60
+    for bad in ("soon", "0", "-5"):
+        with pytest.raises(ValueError, match=TIMEOUT_ENV):
+            collective_timeout_s({TIMEOUT_ENV: bad})

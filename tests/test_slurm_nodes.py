@@ -8,20 +8,25 @@ sets it after bringing them up), where that is a failure.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from repro.launch import read_state
 from repro.plan import expand, load_study
 from test_launch import ROOT, needs_fashion, short_study
-from test_slurm import _cli, _failures, _runnable_done, _wait, require
+from test_slurm import _cli, _failures, _flat, _runnable_done, _wait, require
 
 pytestmark = [pytest.mark.slurm, needs_fashion]
 STEPS = 30
+LONG = 200  # long enough that a preemption or a kill lands mid-run
+SHARDS = 4  # train.reduce_shards: weights bit-identical on 1, 2 and 4 processes
 
 
 def _two_nodes_up() -> str | None:
@@ -38,58 +43,184 @@ def two_nodes():
     require(_two_nodes_up(), "REPRO_REQUIRE_SLURM_NODES", "2", "slurm/local-cluster/up.sh --nodes 2")
 
 
-def _study(folder: Path, tasks_per_node: int) -> Path:
+def _study(folder: Path, tasks_per_node: int, steps: int = STEPS, **train) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    return short_study(folder, steps=STEPS, log_every=5, stages=("train",),
+    return short_study(folder, steps=steps, log_every=5, stages=("train",), reduce_shards=SHARDS, **train,
                        extra=f"resources: {{nodes: 2, tasks_per_node: {tasks_per_node}, gpus_per_node: 0, "
                              f"cpus_per_task: 1, mem_gb: 2, time: '00:20:00', partition: multi}}\n")
 
 
-def _train(study: Path, root: Path, cluster: str) -> Path:
-    profile = ["--profile", "slurm/profiles/localhost.yaml"] if cluster == "slurm" else []
-    out = _cli("submit", str(study), "--cluster", cluster, *profile, "--only", "dit", "--results", str(root),
-               timeout=600)
-    assert out.returncode == 0, out.stderr
+def _plan_run(study: Path):
     plan = expand(load_study(study))
+    return plan, next(r for r in plan.runs if r.step == "dit")
+
+
+def _submit(study: Path, root: Path, *extra: str) -> None:
+    out = _cli("submit", str(study), "--cluster", "slurm", "--profile", "slurm/profiles/localhost.yaml",
+               "--only", "dit", "--results", str(root), *extra, timeout=600)
+    assert out.returncode == 0 and "queued 1 job" in out.stdout, out.stdout + out.stderr
+
+
+def _wait_done(study: Path, root: Path) -> Path:
+    plan, run = _plan_run(study)
     _wait(lambda: _runnable_done(root, plan, ("dit",)) or bool(_failures(root, plan)), 600, "the training job")
     assert not _failures(root, plan)
-    run = next(r for r in plan.runs if r.step == "dit")
     return root / "runs" / run.id
+
+
+def _reference(study: Path, out: Path) -> Path:
+    """The same run trained by one process, here, with the tasks' thread count."""
+    from repro.train import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(_plan_run(study)[1].config, out, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return out
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> Path:
-    """The same run trained by one process (submitit's in-process executor)."""
     folder = tmp_path_factory.mktemp("one")
-    return _train(_study(folder, 1), folder / "results", "debug")
+    return _reference(_study(folder, 1), folder / "run")
+
+
+@pytest.fixture(scope="module")
+def one_process_long(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("one_long")
+    return _reference(_study(folder, 1, steps=LONG, ckpt_every=25), folder / "run")
 
 
 def _ranks(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "train" / "ranks.jsonl").read_text().splitlines()]
 
 
-def _final(run: Path) -> dict:
-    return torch.load(run / "train" / "checkpoints" / f"{STEPS:07d}.pt", map_location="cpu", weights_only=True)
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_bit_identical(run: Path, reference: Path, steps: int) -> None:
+    """Model, EMA and every AdamW tensor torch.equal to the 1-process run; the logged losses the same floats."""
+    final = f"train/checkpoints/{steps:07d}.pt"
+    a = torch.load(run / final, map_location="cpu", weights_only=True)
+    b = torch.load(reference / final, map_location="cpu", weights_only=True)
+    assert b["world"] == 1
+    for part in ("model", "ema", "opt"):
+        flat_a, flat_b = _flat(a[part]), _flat(b[part])
+        assert flat_a.keys() == flat_b.keys()
+        for k in flat_a:
+            assert torch.equal(flat_a[k], flat_b[k]), f"{part}.{k} differs"
+    assert [m["loss"] for m in _metrics(run)] == [m["loss"] for m in _metrics(reference)]
+
+
+def _sacct(job: str) -> str:
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "State", "-j", job], capture_output=True, text=True)
+    return out.stdout.strip()
 
 
 @pytest.mark.parametrize("tasks_per_node", [1, 2], ids=["2x1", "2x2"])
-def test_two_node_training_runs_one_rank_per_task_on_two_hosts(tmp_path, one_process, tasks_per_node):
-    run = _train(_study(tmp_path, tasks_per_node), tmp_path / "results", "slurm")
+def test_two_node_training_equals_one_process_bit_for_bit(tmp_path, one_process, tasks_per_node):
+    study = _study(tmp_path, tasks_per_node)
+    _submit(study, tmp_path / "results")
+    run = _wait_done(study, tmp_path / "results")
     world = 2 * tasks_per_node
     ranks = _ranks(run)
     assert sorted(r["rank"] for r in ranks) == list(range(world)) and {r["world"] for r in ranks} == {world}
     assert sorted({r["host"] for r in ranks}) == ["n1", "n2"]  # two nodes, each with its own hostname
     for host in ("n1", "n2"):
         assert sorted(r["local_rank"] for r in ranks if r["host"] == host) == list(range(tasks_per_node))
-    # World-size invariance: the same global batches, noise and timesteps; the gradient all-reduce sums the
-    # ranks' means in another order than one process's mean, so weights agree to rounding, not to the bit.
-    many, one = _final(run), _final(one_process)
-    assert many["world"] == world and one["world"] == 1
-    for name, w in one["model"].items():
-        torch.testing.assert_close(many["model"][name], w, rtol=0, atol=5e-4)
-    losses = [[m["loss"] for m in map(json.loads, (r / "train" / "metrics.jsonl").read_text().splitlines())]
-              for r in (run, one_process)]
-    assert losses[0] == pytest.approx(losses[1], abs=1e-4)
+    _assert_bit_identical(run, one_process, STEPS)
+    assert torch.load(run / "train" / "checkpoints" / f"{STEPS:07d}.pt", weights_only=True)["world"] == world
+
+
+def test_preempted_across_nodes_requeued_with_all_tasks_and_bit_identical(tmp_path, one_process_long):
+    """A job of partition multihigh that needs one whole node preempts the 2-node job: SIGUSR2 reaches both ranks,
+    they stop at one step, rank 0 writes one checkpoint and requeues; the job comes back with both tasks on both
+    nodes, resumes there, and ends on the bits of the 1-process run."""
+    study = _study(tmp_path, 1, steps=LONG, ckpt_every=25)
+    root = tmp_path / "results"
+    _submit(study, root)
+    plan, run = _plan_run(study)
+    folder = root / "runs" / run.id
+    metrics = folder / "train" / "metrics.jsonl"
+    _wait(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 4, 300, "20 training steps", 0.5)
+    high = subprocess.run(["sbatch", "--parsable", "-p", "multihigh", "-N", "1", "-c", str(os.cpu_count()),
+                           "-o", os.devnull, "--wrap", "sleep 1"], capture_output=True, text=True, check=True)
+    _wait_done(study, root)
+    st = read_state(root, run.id)["stages"]["train"]
+    states = [e["state"] for e in st["history"]]
+    assert states == ["submitted", "running", "requeued", "running", "done"], (states, high.stdout)
+    stopped = st["interrupted_at"]
+    print(f"preempted by job {high.stdout.strip()}: both ranks stopped at step {stopped}; {st['history']}")
+    assert 20 <= stopped < LONG and st["attempts"] == 2
+    ranks = _ranks(folder)
+    assert len({r["slurm_job"] for r in ranks}) == 1  # requeued: the same job, not a new one
+    first, second = ranks[:2], ranks[2:]
+    assert len(second) == 2 and {r["start_step"] for r in second} == {stopped}, ranks
+    for attempt in (first, second):  # every task came back, one per node
+        assert sorted((r["rank"], r["host"]) for r in attempt) in ([(0, "n1"), (1, "n2")], [(0, "n2"), (1, "n1")])
+    written = [json.loads(ln)["step"] for ln in (folder / "train" / "checkpoints.jsonl").read_text().splitlines()]
+    assert written.count(stopped) == 1  # one checkpoint, at the step the ranks agreed on
+    assert f"resumed at step {stopped}" in (folder / "train" / "log.txt").read_text()
+    _assert_bit_identical(folder, one_process_long, LONG)
+
+
+def test_usr2_at_one_node_then_a_killed_task_and_a_resubmit_end_bit_identical(tmp_path, one_process_long):
+    """One run, two faults.
+
+    1. SIGUSR2 to rank 1's process alone (on n2), as a preemption warning that reaches one node first: its flag
+       goes through the all-reduce, both ranks stop at the same step, rank 0 checkpoints and requeues.
+    2. After the resume, SIGKILL of rank 1's process, as a node that dies: srun --kill-on-bad-exit ends the step,
+       so rank 0 is not left waiting in a collective (at worst it would for the profile's collective_timeout_s,
+       60 s); the job fails, and `repro submit --retry-failed` resumes from the last checkpoint.
+    The run still ends on the bits of the 1-process run."""
+    study = _study(tmp_path, 1, steps=LONG, ckpt_every=25)
+    root = tmp_path / "results"
+    _submit(study, root)
+    plan, run = _plan_run(study)
+    folder = root / "runs" / run.id
+    metrics = folder / "train" / "metrics.jsonl"
+    _wait(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 4, 300, "20 training steps", 0.5)
+    os.kill(next(r for r in _ranks(folder) if r["rank"] == 1)["pid"], signal.SIGUSR2)
+    _wait(lambda: len(_ranks(folder)) == 4, 300, "the requeued job's two ranks")
+    st = read_state(root, run.id)["stages"]["train"]
+    stopped = st["interrupted_at"]
+    assert [e["state"] for e in st["history"]] == ["submitted", "running", "requeued", "running"]
+    assert {r["start_step"] for r in _ranks(folder)[2:]} == {stopped}
+
+    _wait(lambda: _metrics(folder)[-1]["step"] >= stopped + 40, 300, "40 steps after the resume", 0.2)
+    victim = next(r for r in _ranks(folder)[2:] if r["rank"] == 1)
+    os.kill(victim["pid"], signal.SIGKILL)
+    killed = time.monotonic()
+    job = victim["slurm_job"]
+    _wait(lambda: _sacct(job) not in ("RUNNING", "COMPLETING", "REQUEUED", ""), 120, "the job to end", 0.2)
+    ended = time.monotonic() - killed
+    print(f"USR2 to rank 1 only: both ranks stopped at step {stopped}; killed rank 1 (pid {victim['pid']} on "
+          f"{victim['host']}): job {job} {_sacct(job)} after {ended:.1f} s")
+    assert _sacct(job) == "FAILED" and ended < 60, (ended, _sacct(job))
+    assert not _pids_of(folder), "a rank was left running"
+    last = max(json.loads(ln)["step"] for ln in (folder / "train" / "checkpoints.jsonl").read_text().splitlines())
+    assert last > stopped
+    _submit(study, root, "--retry-failed")
+    _wait_done(study, root)
+    assert f"resumed at step {last}" in (folder / "train" / "log.txt").read_text()
+    _assert_bit_identical(folder, one_process_long, LONG)
+
+
+def _pids_of(folder: Path) -> list[int]:
+    """Processes still alive among those the ranks logged."""
+    alive = []
+    for r in _ranks(folder):
+        try:
+            os.kill(r["pid"], 0)
+            cmd = Path(f"/proc/{r['pid']}/cmdline").read_bytes()
+        except (ProcessLookupError, FileNotFoundError):
+            continue
+        if b"submitit" in cmd:
+            alive.append(r["pid"])
+    return alive
 
 
 def test_sampling_on_two_nodes_equals_one_process(tmp_path, one_process):
