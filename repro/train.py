@@ -3,7 +3,8 @@
 Run it again with the same run folder and it continues from the newest checkpoint as if nothing happened:
 everything random is a function of (seed, step) -- which samples form the batch, their augmentation, the
 diffusion timesteps and noise, and the label dropout -- so a killed and restarted run is bit-identical on the
-CPU to an uninterrupted one, and a run on W processes sees the same global batches as on one.
+CPU to an uninterrupted one, and a run on W processes sees the same global batches as on one (and, with
+`train.reduce_shards`, ends on the same bits).
 """
 
 from __future__ import annotations
@@ -233,6 +234,21 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    def backward(x, timesteps, noise, y) -> torch.Tensor:
+        """Loss and backward of one batch (this rank's share, or a shard of it); its (loss, mse, vb) means."""
+
+        def model_fn(xt, tt):
+            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+                # Only the model sees NHWC: the diffusion's reductions (loss, VLB) sum in the same order whatever
+                # layout the model ran in.
+                return net(xt.to(memory_format=memory_format), tt, y).float().contiguous()
+
+        losses = diffusion.training_losses(model_fn, x, timesteps, noise=noise)
+        loss = losses["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        return torch.stack([loss.detach(), losses["mse"].mean().detach(), losses["vb"].mean().detach()]).double()
+
     # ---------------------------------------------------------------- loop
     for x, y in loader:
         x = x.to(device, non_blocking=True)
@@ -255,30 +271,16 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
         for group in opt.param_groups:
             group["lr"] = lr
 
-        def model_fn(xt, tt, y):
-            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                # Only the model sees NHWC: the diffusion's reductions (loss, VLB) sum in the same order whatever
-                # layout the model ran in.
-                return net(xt.to(memory_format=memory_format), tt, y).float().contiguous()
-
-        def shard_loss(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
-            """Backward of one part of this rank's share; its (loss, mse, vb) means, detached."""
-            losses = diffusion.training_losses(lambda xt, tt: model_fn(xt, tt, y[part]), x[part], timesteps[part],
-                                               noise=noise[part])
-            loss = losses["loss"].mean()
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            return torch.stack([loss.detach(), losses["mse"].mean().detach(), losses["vb"].mean().detach()])
-
         if not exact:
             torch.manual_seed(seed_for(t.seed, "rank", env.rank, step))  # anything else random inside the step
-            stats = shard_loss(slice(None)).double()
-        else:
+            stats = backward(x, timesteps, noise, y)
+        else:  # TrainConfig.reduce_shards: a backward per shard, summed over one tree whatever rank holds which
             grads, parts = distributed.PairwiseSum(), distributed.PairwiseSum()
             size = t.global_batch // t.reduce_shards
             for k in range(local // size):
                 torch.manual_seed(seed_for(t.seed, "shard", env.rank * (local // size) + k, step))
-                parts.add(shard_loss(slice(k * size, (k + 1) * size)).double())
+                part = slice(k * size, (k + 1) * size)
+                parts.add(backward(x[part], timesteps[part], noise[part], y[part]))
                 with_grad = [p for p in live_params if p.grad is not None]
                 grads.add(torch.cat([p.grad.reshape(-1) for p in with_grad]))
             total = distributed.tree_sum(grads.total(), env) / t.reduce_shards  # a power of two: exact

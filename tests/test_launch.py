@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -86,6 +87,8 @@ def test_golden_sbatch_text(tmp_path):
     for line in ("#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --signal=USR2@120",
                  "#SBATCH --time=2880", "#SBATCH --open-mode=append"):
         assert line in text
+    # a task that dies ends the whole step; its peers do not wait in a collective for the timeout
+    assert re.search(r"^srun .*--kill-on-bad-exit=1", text, re.M)
 
 
 def test_dry_run_submits_nothing(tmp_path, capsys):
