@@ -120,6 +120,18 @@ def _sacct(job: str) -> str:
     return out.stdout.strip()
 
 
+def _long_run_at_step_20(tmp_path: Path):
+    """The long 2 x 1 run submitted, once it has logged 20 steps: (study, results root, run, run folder)."""
+    study = _study(tmp_path, 1, steps=LONG, ckpt_every=25)
+    root = tmp_path / "results"
+    _submit(study, root)
+    run = _plan_run(study)[1]
+    folder = root / "runs" / run.id
+    metrics = folder / "train" / "metrics.jsonl"
+    _wait(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 4, 300, "20 training steps", 0.5)
+    return study, root, run, folder
+
+
 @pytest.mark.parametrize("tasks_per_node", [1, 2], ids=["2x1", "2x2"])
 def test_two_node_training_equals_one_process_bit_for_bit(tmp_path, one_process, tasks_per_node):
     study = _study(tmp_path, tasks_per_node)
@@ -139,13 +151,7 @@ def test_preempted_across_nodes_requeued_with_all_tasks_and_bit_identical(tmp_pa
     """A job of partition multihigh that needs one whole node preempts the 2-node job: SIGUSR2 reaches both ranks,
     they stop at one step, rank 0 writes one checkpoint and requeues; the job comes back with both tasks on both
     nodes, resumes there, and ends on the bits of the 1-process run."""
-    study = _study(tmp_path, 1, steps=LONG, ckpt_every=25)
-    root = tmp_path / "results"
-    _submit(study, root)
-    plan, run = _plan_run(study)
-    folder = root / "runs" / run.id
-    metrics = folder / "train" / "metrics.jsonl"
-    _wait(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 4, 300, "20 training steps", 0.5)
+    study, root, run, folder = _long_run_at_step_20(tmp_path)
     high = subprocess.run(["sbatch", "--parsable", "-p", "multihigh", "-N", "1", "-c", str(os.cpu_count()),
                            "-o", os.devnull, "--wrap", "sleep 1"], capture_output=True, text=True, check=True)
     _wait_done(study, root)
@@ -176,13 +182,7 @@ def test_usr2_at_one_node_then_a_killed_task_and_a_resubmit_end_bit_identical(tm
        so rank 0 is not left waiting in a collective (at worst it would for the profile's collective_timeout_s,
        60 s); the job fails, and `repro submit --retry-failed` resumes from the last checkpoint.
     The run still ends on the bits of the 1-process run."""
-    study = _study(tmp_path, 1, steps=LONG, ckpt_every=25)
-    root = tmp_path / "results"
-    _submit(study, root)
-    plan, run = _plan_run(study)
-    folder = root / "runs" / run.id
-    metrics = folder / "train" / "metrics.jsonl"
-    _wait(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 4, 300, "20 training steps", 0.5)
+    study, root, run, folder = _long_run_at_step_20(tmp_path)
     os.kill(next(r for r in _ranks(folder) if r["rank"] == 1)["pid"], signal.SIGUSR2)
     _wait(lambda: len(_ranks(folder)) == 4, 300, "the requeued job's two ranks")
     st = read_state(root, run.id)["stages"]["train"]
