@@ -25,7 +25,7 @@ from test_slurm import _cli, _failures, _flat, _runnable_done, _wait, require
 
 pytestmark = [pytest.mark.slurm, needs_fashion]
 STEPS = 30
-LONG = 200  # long enough that a preemption or a kill lands mid-run
+LONG = 150  # long enough that a preemption or a kill lands mid-run
 SHARDS = 4  # train.reduce_shards: weights bit-identical on 1, 2 and 4 processes
 
 
@@ -120,18 +120,6 @@ def _sacct(job: str) -> str:
     return out.stdout.strip()
 
 
-def _long_run_at_step_20(tmp_path: Path):
-    """The long 2 x 1 run submitted, once it has logged 20 steps: (study, results root, run, run folder)."""
-    study = _study(tmp_path, 1, steps=LONG, ckpt_every=25)
-    root = tmp_path / "results"
-    _submit(study, root)
-    run = _plan_run(study)[1]
-    folder = root / "runs" / run.id
-    metrics = folder / "train" / "metrics.jsonl"
-    _wait(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 4, 300, "20 training steps", 0.5)
-    return study, root, run, folder
-
-
 @pytest.mark.parametrize("tasks_per_node", [1, 2], ids=["2x1", "2x2"])
 def test_two_node_training_equals_one_process_bit_for_bit(tmp_path, one_process, tasks_per_node):
     study = _study(tmp_path, tasks_per_node)
@@ -147,64 +135,70 @@ def test_two_node_training_equals_one_process_bit_for_bit(tmp_path, one_process,
     assert torch.load(run / "train" / "checkpoints" / f"{STEPS:07d}.pt", weights_only=True)["world"] == world
 
 
-def test_preempted_across_nodes_requeued_with_all_tasks_and_bit_identical(tmp_path, one_process_long):
-    """A job of partition multihigh that needs one whole node preempts the 2-node job: SIGUSR2 reaches both ranks,
-    they stop at one step, rank 0 writes one checkpoint and requeues; the job comes back with both tasks on both
-    nodes, resumes there, and ends on the bits of the 1-process run."""
-    study, root, run, folder = _long_run_at_step_20(tmp_path)
+def test_preemption_usr2_at_one_node_and_a_killed_task_across_nodes_end_bit_identical(tmp_path, one_process_long):
+    """One 2 x 1 run (rank 0 on one node, rank 1 on the other) through three faults, ending on the bits of the
+    1-process run.
+
+    1. A real preemption: a multihigh job that needs one whole node. SIGUSR2 reaches both ranks, they stop at one
+       step, rank 0 writes one checkpoint and requeues; the job comes back with both tasks on both nodes.
+    2. SIGUSR2 to rank 1's process alone, as a warning that reaches one node first: its flag goes through the
+       all-reduce, both ranks stop at the same step, rank 0 checkpoints and requeues.
+    3. SIGKILL of rank 1's process, as a node that dies: srun --kill-on-bad-exit ends the step, so rank 0 is not
+       left waiting in a collective (at worst it would for the profile's collective_timeout_s, 60 s); the job
+       fails, and `repro submit --retry-failed` resumes from the last checkpoint.
+    """
+    study = _study(tmp_path, 1, steps=LONG, ckpt_every=25)
+    root = tmp_path / "results"
+    _submit(study, root)
+    run = _plan_run(study)[1]
+    folder = root / "runs" / run.id
+    checkpoints = folder / "train" / "checkpoints.jsonl"
+
+    def reach(step: int, what: str) -> None:
+        _wait(lambda: (folder / "train" / "metrics.jsonl").exists() and _metrics(folder)[-1]["step"] >= step,
+              300, what, 0.2)
+
+    def requeued(attempt: int, events: list[str]) -> int:
+        """Both ranks of `attempt` (1-based) started at the step where the previous attempt stopped."""
+        _wait(lambda: len(_ranks(folder)) == 2 * attempt, 300, f"attempt {attempt}'s two ranks")
+        st = read_state(root, run.id)["stages"]["train"]
+        assert [e["state"] for e in st["history"]] == events, st["history"]
+        stopped = st["interrupted_at"]
+        tasks = _ranks(folder)[-2:]
+        assert {r["start_step"] for r in tasks} == {stopped}
+        assert sorted((r["rank"], r["host"]) for r in tasks) in ([(0, "n1"), (1, "n2")], [(0, "n2"), (1, "n1")])
+        written = [json.loads(ln)["step"] for ln in checkpoints.read_text().splitlines()]
+        assert written.count(stopped) == 1  # one checkpoint, at the step the ranks agreed on
+        return stopped
+
+    reach(20, "20 training steps")
     high = subprocess.run(["sbatch", "--parsable", "-p", "multihigh", "-N", "1", "-c", str(os.cpu_count()),
                            "-o", os.devnull, "--wrap", "sleep 1"], capture_output=True, text=True, check=True)
-    _wait_done(study, root)
-    st = read_state(root, run.id)["stages"]["train"]
-    states = [e["state"] for e in st["history"]]
-    assert states == ["submitted", "running", "requeued", "running", "done"], (states, high.stdout)
-    stopped = st["interrupted_at"]
-    print(f"preempted by job {high.stdout.strip()}: both ranks stopped at step {stopped}; {st['history']}")
-    assert 20 <= stopped < LONG and st["attempts"] == 2
-    ranks = _ranks(folder)
-    assert len({r["slurm_job"] for r in ranks}) == 1  # requeued: the same job, not a new one
-    first, second = ranks[:2], ranks[2:]
-    assert len(second) == 2 and {r["start_step"] for r in second} == {stopped}, ranks
-    for attempt in (first, second):  # every task came back, one per node
-        assert sorted((r["rank"], r["host"]) for r in attempt) in ([(0, "n1"), (1, "n2")], [(0, "n2"), (1, "n1")])
-    written = [json.loads(ln)["step"] for ln in (folder / "train" / "checkpoints.jsonl").read_text().splitlines()]
-    assert written.count(stopped) == 1  # one checkpoint, at the step the ranks agreed on
-    assert f"resumed at step {stopped}" in (folder / "train" / "log.txt").read_text()
-    _assert_bit_identical(folder, one_process_long, LONG)
+    first = requeued(2, ["submitted", "running", "requeued", "running"])
+    assert 20 <= first < LONG, high.stdout
 
+    reach(first + 10, "10 steps after the resume")
+    os.kill(next(r for r in _ranks(folder)[-2:] if r["rank"] == 1)["pid"], signal.SIGUSR2)
+    second = requeued(3, ["submitted", "running", "requeued", "running", "requeued", "running"])
+    assert second > first
 
-def test_usr2_at_one_node_then_a_killed_task_and_a_resubmit_end_bit_identical(tmp_path, one_process_long):
-    """One run, two faults.
-
-    1. SIGUSR2 to rank 1's process alone (on n2), as a preemption warning that reaches one node first: its flag
-       goes through the all-reduce, both ranks stop at the same step, rank 0 checkpoints and requeues.
-    2. After the resume, SIGKILL of rank 1's process, as a node that dies: srun --kill-on-bad-exit ends the step,
-       so rank 0 is not left waiting in a collective (at worst it would for the profile's collective_timeout_s,
-       60 s); the job fails, and `repro submit --retry-failed` resumes from the last checkpoint.
-    The run still ends on the bits of the 1-process run."""
-    study, root, run, folder = _long_run_at_step_20(tmp_path)
-    os.kill(next(r for r in _ranks(folder) if r["rank"] == 1)["pid"], signal.SIGUSR2)
-    _wait(lambda: len(_ranks(folder)) == 4, 300, "the requeued job's two ranks")
-    st = read_state(root, run.id)["stages"]["train"]
-    stopped = st["interrupted_at"]
-    assert [e["state"] for e in st["history"]] == ["submitted", "running", "requeued", "running"]
-    assert {r["start_step"] for r in _ranks(folder)[2:]} == {stopped}
-
-    _wait(lambda: _metrics(folder)[-1]["step"] >= stopped + 40, 300, "40 steps after the resume", 0.2)
-    victim = next(r for r in _ranks(folder)[2:] if r["rank"] == 1)
+    reach(second + 40, "40 steps after the second resume")
+    victim = next(r for r in _ranks(folder)[-2:] if r["rank"] == 1)
     os.kill(victim["pid"], signal.SIGKILL)
     killed = time.monotonic()
     job = victim["slurm_job"]
     _wait(lambda: _sacct(job) not in ("RUNNING", "COMPLETING", "REQUEUED", ""), 120, "the job to end", 0.2)
     ended = time.monotonic() - killed
-    print(f"USR2 to rank 1 only: both ranks stopped at step {stopped}; killed rank 1 (pid {victim['pid']} on "
-          f"{victim['host']}): job {job} {_sacct(job)} after {ended:.1f} s")
+    print(f"preempted by job {high.stdout.strip()}: both ranks stopped at step {first}; USR2 to rank 1 only: both "
+          f"stopped at step {second}; rank 1 (pid {victim['pid']} on {victim['host']}) killed: job {job} "
+          f"{_sacct(job)} after {ended:.1f} s")
     assert _sacct(job) == "FAILED" and ended < 60, (ended, _sacct(job))
     assert not _pids_of(folder), "a rank was left running"
-    last = max(json.loads(ln)["step"] for ln in (folder / "train" / "checkpoints.jsonl").read_text().splitlines())
-    assert last > stopped
+    last = max(json.loads(ln)["step"] for ln in checkpoints.read_text().splitlines())
+    assert last > second
     _submit(study, root, "--retry-failed")
     _wait_done(study, root)
+    assert len({r["slurm_job"] for r in _ranks(folder)}) == 2  # requeues kept the job; the resubmit is a new one
     assert f"resumed at step {last}" in (folder / "train" / "log.txt").read_text()
     _assert_bit_identical(folder, one_process_long, LONG)
 
