@@ -197,6 +197,7 @@ def test_a_hung_peer_ends_the_job_within_the_collective_timeout(tmp_path):
         for p in procs:
             p.kill()
             p.wait()
+    print(f"rank 1 stopped: rank 0 failed {waited:.1f} s later (timeout 5 s)")
     assert procs[0].returncode not in (0, None)
     assert 4 <= waited < 5 + 10, (waited, err.decode()[-2000:])  # the bound, plus the step in flight
     assert "timeout" in err.decode().lower() or "timed out" in err.decode().lower(), err.decode()[-2000:]
