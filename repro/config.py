@@ -340,9 +340,10 @@ STAGES = ("train", "sample", "evaluate", "bench")
 METRICS = ("fid", "is", "sfid", "precision", "recall")
 
 
-# 2: sFID in ADM's NHWC layout, ADM's precision/recall for ADM batches, FID means in float32. An eval file of
+# 2: sFID in ADM's NHWC layout, ADM's precision/recall for ADM batches, FID means in float32. 3: the FID's bootstrap
+# interval in the record and the sample features beside it (paired differences between runs). An eval file of
 # another version is stale: its evaluate stage is not done, and running it scores the samples again.
-EVALUATOR_VERSION = 2
+EVALUATOR_VERSION = 3
 
 
 def current_eval(path: Path) -> bool:
@@ -382,11 +383,14 @@ class EvalConfig:
     # reference image; "float32" = the original k-NN code's float32, against at most 10K; "auto" = adm for an ADM
     # reference batch, float32 otherwise
     pr_distances: Literal["auto", "adm", "float32"] = "auto"
+    # resamples of the FID's bootstrap interval over the sample set (repro.metrics.stats; 0: no interval). One
+    # number for every run of a study: intervals of two rows are comparable only under one rule.
+    bootstrap: int = 200
 
     def __post_init__(self):
         if not self.metrics:
             raise ConfigError("name at least one metric", key="metrics")
-        check_ranges(self, batch_size=(1, MAX_BATCH), checkpoints=(1, MAX_STEPS))
+        check_ranges(self, batch_size=(1, MAX_BATCH), checkpoints=(1, MAX_STEPS), bootstrap=(0, 100_000))
         if len(self.checkpoints) > 1000:
             raise ConfigError(f"at most 1000 intermediate checkpoints, got {len(self.checkpoints)}", key="checkpoints")
         for name in ("reference", "inception", "classifier"):

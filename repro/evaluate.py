@@ -33,6 +33,7 @@ from repro.errors import ConfigError
 from repro.metrics import extractors as ex
 from repro.metrics.fid import IS_SPLIT_SIZE, PR_NEIGHBOURS, fit, frechet_distance, inception_score, precision_recall
 from repro.metrics.reference import Reference, content_hash, load_images, load_reference
+from repro.metrics.stats import fid_interval
 
 if TYPE_CHECKING:
     from repro.plan import Run
@@ -61,8 +62,8 @@ def code_commit() -> dict:
 
 
 def score(images: np.ndarray, reference: Reference, extractor: ex.Extractor, metrics: tuple[str, ...],
-          batch_size: int = 64) -> tuple[dict, dict]:
-    """(values, unavailable): each requested metric's value, or None and the reason."""
+          batch_size: int = 64) -> tuple[dict, dict, ex.Features]:
+    """(values, unavailable, features): each requested metric's value, or None and the reason."""
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ConfigError(f"unknown metric {unknown[0]!r}: choose from {', '.join(METRICS)}")
@@ -93,7 +94,7 @@ def score(images: np.ndarray, reference: Reference, extractor: ex.Extractor, met
             values.update({m: v for m, v in (("precision", p), ("recall", r)) if m in metrics})
     for m in metrics:
         values.setdefault(m, None)
-    return values, missing
+    return values, missing, feats
 
 
 def paper_differences(sample: dict, extractor: ex.Extractor, n: int) -> list[str]:
@@ -114,8 +115,10 @@ def paper_differences(sample: dict, extractor: ex.Extractor, n: int) -> list[str
 
 
 def evaluate_file(samples: Path, cfg: EvalConfig, cache: Path, extractor: ex.Extractor | None = None,
-                  log=print) -> dict:
-    """The eval record of one samples npz (its sibling .json, when there, gives the sampling protocol)."""
+                  log=print, features_out: Path | None = None) -> dict:
+    """The eval record of one samples npz (its sibling .json, when there, gives the sampling protocol); with
+    `features_out`, the samples' pool features are written there too (float32 .npy: the paired differences between
+    runs resample them)."""
     samples = Path(samples)
     if not samples.exists():
         raise ConfigError(f"{samples}: no such samples file or folder")
@@ -126,8 +129,13 @@ def evaluate_file(samples: Path, cfg: EvalConfig, cache: Path, extractor: ex.Ext
     extractor = extractor or build_extractor(cfg, cache, log, ex.classifier_resolution(images))
     reference = load_reference(spec, extractor, cache, set(cfg.metrics), cfg.batch_size, cfg.pr_distances)
     started = time.perf_counter()
-    values, missing = score(images, reference, extractor, cfg.metrics, cfg.batch_size)
+    values, missing, feats = score(images, reference, extractor, cfg.metrics, cfg.batch_size)
     n = len(images)
+    intervals = {}
+    if values.get("fid") is not None and cfg.bootstrap:
+        intervals["fid"] = fid_interval(feats.pool, reference.pool, resamples=cfg.bootstrap)
+    if features_out is not None:
+        rundir.atomic_write(features_out, lambda f: np.save(f, np.asarray(feats.pool, dtype=np.float32)))
     labels = {m: f"{NAMES[m]}-{count_label(n)}" if m in ("fid", "sfid") else NAMES[m] for m in cfg.metrics}
     labels = {m: f"{v} ({extractor.label})" for m, v in labels.items()}
     keep = ("sampler", "steps", "cfg_scale", "guide_channels", "num_samples", "labels", "seed", "per_proc_batch",
@@ -144,10 +152,17 @@ def evaluate_file(samples: Path, cfg: EvalConfig, cache: Path, extractor: ex.Ext
         "torch": _version("torch"), **code_commit(),
     }
     diffs = paper_differences(sample, extractor, n)
-    return {"metrics": values, "labels": labels, "unavailable": missing, "protocol": protocol,
+    if features_out is not None:
+        protocol["features_file"] = Path(features_out).name
+    return {"metrics": values, "intervals": intervals, "labels": labels, "unavailable": missing, "protocol": protocol,
             "paper_protocol": {"comparable": not diffs, "differences": diffs},
             "seconds": round(time.perf_counter() - started, 2),
             "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def features_file(eval_file: Path) -> Path:
+    """eval/<stem>.<tag>.features.npy beside eval/<stem>.<tag>.json: the scored samples' pool features."""
+    return eval_file.with_suffix(".features.npy")
 
 
 def _sample_images(samples: Path) -> np.ndarray:
@@ -199,7 +214,7 @@ def evaluate_run(run_dir: Path, sample: SampleConfig, cfg: EvalConfig, cache: Pa
                 continue
         if extractor is None:  # one extractor for the run's sample sets, which share one image size
             extractor = build_extractor(cfg, cache, log, ex.classifier_resolution(_sample_images(npz)))
-        record = evaluate_file(npz, cfg, cache, extractor, log)
+        record = evaluate_file(npz, cfg, cache, extractor, log, features_out=features_file(target))
         record["protocol"]["eval_config"] = dataclasses.asdict(cfg)
         rundir.atomic_write_text(target, json.dumps(record, indent=2) + "\n")
         out.append(target)

@@ -35,7 +35,7 @@ PAPER_METRICS = {"fid": "fid", "is": "is", "sfid": "sfid", "precision": "precisi
 COLUMNS = ("study", "step", "label", "model", "switches", "seed", "run_id", "paper_rows", "protocol", "stem",
            "checkpoint_step", "state", "damaged", "steps_trained", "train_steps", "gpu_hours_planned", "wall_hours",
            "gpu_hours_spent", "train_steps_per_s", *METRICS, "params", "params_m", "gmacs", "winograd_gmacs",
-           "img_per_s", "fid_label",
+           "img_per_s", "fid_label", "fid_se",
            "extractor", "reference", "sampler", "sampling_steps", "cfg_scale", "guide_channels", "num_samples",
            "labels", "paper_comparable", "protocol_differences", "bench_device", "bench_flags", "bench_ratio",
            "bench_baseline", "bench_reliable", "bench_ratio_reliable", "bench_note", "bench_measurement")
@@ -208,6 +208,8 @@ def collect(plan: Plan, root: Path) -> pd.DataFrame:
             if ev:
                 p = ev["protocol"]
                 row.update({m: ev["metrics"].get(m) for m in METRICS})
+                # the FID's standard error over the sample set (bootstrap; records before evaluator 3 have none)
+                row["fid_se"] = ((ev.get("intervals") or {}).get("fid") or {}).get("std")
                 row.update(fid_label=ev["labels"].get("fid"), extractor=p.get("extractor_label"),
                            reference=p.get("reference"), sampler=p.get("sampler"), sampling_steps=p.get("steps"),
                            cfg_scale=p.get("cfg_scale"), guide_channels=p.get("guide_channels"),
@@ -218,7 +220,7 @@ def collect(plan: Plan, root: Path) -> pd.DataFrame:
                     row["checkpoint_step"] = p["checkpoint_step"]
             rows.append(row)
     df = pd.DataFrame(rows, columns=list(COLUMNS))
-    for col in (*METRICS, *BENCH, "params_m", "gpu_hours_planned", "train_steps_per_s", "bench_ratio"):
+    for col in (*METRICS, *BENCH, "params_m", "gpu_hours_planned", "train_steps_per_s", "bench_ratio", "fid_se"):
         df[col] = pd.to_numeric(df[col], errors="coerce")  # missing is NaN, never 0
     return df
 
@@ -226,7 +228,7 @@ def collect(plan: Plan, root: Path) -> pd.DataFrame:
 def by_step(df: pd.DataFrame) -> pd.DataFrame:
     """Seeds of one step folded: mean, std and count of every number, per (step, sample set)."""
     keys = ["step", "label", "model", "protocol", "stem", "checkpoint_step"]
-    numbers = [c for c in (*METRICS, *BENCH, "params_m", "train_steps_per_s", "bench_ratio") if c in df]
+    numbers = [c for c in (*METRICS, *BENCH, "params_m", "train_steps_per_s", "bench_ratio", "fid_se") if c in df]
     g = df.groupby(keys, dropna=False, sort=False)
     out = g[numbers].mean()
     std = g[numbers].std(ddof=1).add_suffix("_std")
@@ -282,6 +284,7 @@ def paper_table(df: pd.DataFrame, plan: Plan) -> pd.DataFrame:
                 rec["protocol"] = None if o is None else o.get("stem")
                 rec["state"] = "pending" if o is None else o["state"]
                 rec["seeds"] = 0 if o is None else int(o["seeds"])
+                rec["ours_fid_se"] = None if o is None else _nan_none(o.get("fid_se"))  # mean over seeds
                 diffs = _protocol_differences(proto, o)
                 rec["protocol_match"] = not diffs
                 rec["protocol_differences"] = "; ".join(diffs)

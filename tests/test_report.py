@@ -5,6 +5,7 @@ golden table.csv, and the HTML in headless Chromium."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -82,6 +83,7 @@ def fixture_run(root: Path, run, fid: float, state: str = "done") -> None:
         rundir.append_line(paths.metrics, json.dumps({"step": step, "loss": 0.1, "steps_per_s": 2.0}))
     fixture_bench(root, run, 100.0 + len(run.step))
     record = {"metrics": {"fid": fid, "is": 2.0, "sfid": fid * 2, "precision": 0.5, "recall": 0.4},
+              "intervals": {"fid": {"fid": fid, "std": fid / 20, "level": 0.95, "resamples": 200, "n": 1000}},
               "labels": {"fid": "FID-1K (Fashion-MNIST classifier)"}, "unavailable": {},
               "protocol": {"sampler": "ddim", "steps": "50", "cfg_scale": 1.0, "guide_channels": 3,
                            "num_evaluated": 1000, "labels": "uniform", "checkpoint_step": steps,
@@ -177,6 +179,20 @@ def test_golden_table_csv(reported):
     if os.environ.get("REPRO_UPDATE_GOLDEN"):
         GOLDEN.write_text(text)
     assert text == GOLDEN.read_text()
+
+
+def test_one_seed_fid_shows_its_sample_set_interval_and_rho_its_interval(reported):
+    """A step with one seed: FID [FID - 1.96 SE, FID + 1.96 SE] (SE: the eval record's bootstrap over samples);
+    Spearman's rho with its bootstrap interval over rows; the rule stated once under the protocol."""
+    plan, out, _ = reported
+    table = pd.read_csv(out / "table.csv")
+    md = (out / "report.md").read_text()
+    row = table[table["ours_fid_std"].isna() & table["ours_fid"].notna()].iloc[0]  # one seed done
+    assert row["ours_fid_se"] == pytest.approx(row["ours_fid"] / 20)
+    lo, hi = row["ours_fid"] - 1.959964 * row["ours_fid_se"], row["ours_fid"] + 1.959964 * row["ours_fid_se"]
+    assert f"[{lo:.2f}, {hi:.2f}]" in md
+    assert re.search(r"Spearman ρ = -?[0-9.]+ \[-?[0-9.]+, -?[0-9.]+\] \(95%, bootstrap over rows\)", md)
+    assert "the 95% interval of its FID over the sample set" in md
 
 
 def test_report_of_a_study_never_run_and_a_bad_format(tmp_path, capsys):

@@ -26,6 +26,7 @@ import pandas as pd
 from repro import rundir
 from repro.plan import Plan
 from repro.report import plots
+from repro.metrics.stats import LEVEL, z_value
 from repro.results import PAPER_METRICS, bench_record, by_step, collect, loss_curves, paper_table
 
 FORMATS = ("html", "md", "csv", "tex")
@@ -53,8 +54,11 @@ def bench_notes(steps: pd.DataFrame) -> list[str]:
 
 
 def spearman(table: pd.DataFrame, metric: str = "fid", scope: str = "") -> dict | None:
-    """Rank correlation between the paper's numbers and ours over the rows that have both (None under 3 rows)."""
+    """Rank correlation between the paper's numbers and ours over the rows that have both (None under 3 rows),
+    with its bootstrap interval over rows (`repro.metrics.stats.spearman_interval`)."""
     from scipy.stats import spearmanr
+
+    from repro.metrics.stats import spearman_interval
 
     p, o = f"paper_{metric}", f"ours_{metric}"
     if p not in table or o not in table:
@@ -62,8 +66,12 @@ def spearman(table: pd.DataFrame, metric: str = "fid", scope: str = "") -> dict 
     both = table.dropna(subset=[p, o])
     if len(both) < 3:
         return None
-    rho, pvalue = spearmanr(both[p].astype(float), both[o].astype(float))
-    return {"metric": metric, "rho": float(rho), "p": float(pvalue), "n": len(both), "scope": scope}
+    x, y = both[p].astype(float), both[o].astype(float)
+    rho, pvalue = spearmanr(x, y)
+    interval = spearman_interval(x, y)
+    return {"metric": metric, "rho": float(rho), "p": float(pvalue), "n": len(both), "scope": scope,
+            "lo": interval["lo"], "hi": interval["hi"], "level": interval["level"],
+            "resamples": interval["resamples"]}
 
 
 def correlations(table: pd.DataFrame, metric: str = "fid") -> list[dict]:
@@ -116,6 +124,9 @@ def display_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
             ours = r.get(f"ours_{m}")
             std = r.get(f"ours_{m}_std")
             shown = _fmt(ours) + (f" ± {_fmt(std)}" if _fmt(std) else "") if _fmt(ours) else r["state"]
+            se = r.get("ours_fid_se") if m == "fid" else None
+            if _fmt(ours) and not _fmt(std) and _fmt(se):  # one seed: the sample set's 95% interval
+                shown += f" [{_fmt(ours - z_value() * se)}, {_fmt(ours + z_value() * se)}]"
             if m == "img_per_s" and _fmt(ours) and unreliable(r):
                 shown += f" {UNRELIABLE}"
             cells += [_fmt(r.get(f"paper_{m}")), shown, _fmt(r.get(f"delta_{m}"))]
@@ -272,6 +283,10 @@ def _protocol_lines(df: pd.DataFrame, table: pd.DataFrame, plan: Plan, root: Pat
         lines.append(f"ours: {r['sampler']}-{r['sampling_steps']} sampling, cfg {r['cfg_scale']:g}, "
                      f"{int(r['num_samples']):,} samples ({r['labels']} labels), {r['extractor']} against "
                      f"{r['reference']}: {r['fid_label']}")
+    if "fid_se" in done and done["fid_se"].notna().any():
+        lines.append(f"ours, uncertainty: a step with several seeds shows mean ± std over seeds; a step with one "
+                     f"seed shows [lo, hi], the {LEVEL:.0%} interval of its FID over the sample set (FID ± "
+                     f"{z_value():.2f} SE, SE from a bootstrap of the samples, the same rule for every run)")
     bench = bench_record(plan, root)
     if bench is not None:
         lines.append(_bench_line(bench))
