@@ -117,8 +117,8 @@ def paper_differences(sample: dict, extractor: ex.Extractor, n: int) -> list[str
 def evaluate_file(samples: Path, cfg: EvalConfig, cache: Path, extractor: ex.Extractor | None = None,
                   log=print, features_out: Path | None = None) -> dict:
     """The eval record of one samples npz (its sibling .json, when there, gives the sampling protocol); with
-    `features_out`, the samples' pool features are written there too (float32 .npy: the paired differences between
-    runs resample them)."""
+    `features_out`, the samples' pool features are written there too, with the reference's mean and covariance
+    (`features_file`: the paired differences between runs resample them)."""
     samples = Path(samples)
     if not samples.exists():
         raise ConfigError(f"{samples}: no such samples file or folder")
@@ -134,8 +134,10 @@ def evaluate_file(samples: Path, cfg: EvalConfig, cache: Path, extractor: ex.Ext
     intervals = {}
     if values.get("fid") is not None and cfg.bootstrap:
         intervals["fid"] = fid_interval(feats.pool, reference.pool, resamples=cfg.bootstrap)
-    if features_out is not None:
-        rundir.atomic_write(features_out, lambda f: np.save(f, np.asarray(feats.pool, dtype=np.float32)))
+    if features_out is not None:  # with the reference Gaussian: a paired difference needs nothing else
+        rundir.atomic_write(features_out, lambda f: np.savez(
+            f, pool=np.asarray(feats.pool, dtype=np.float32), reference_mu=reference.pool.mu,
+            reference_sigma=reference.pool.sigma))
     labels = {m: f"{NAMES[m]}-{count_label(n)}" if m in ("fid", "sfid") else NAMES[m] for m in cfg.metrics}
     labels = {m: f"{v} ({extractor.label})" for m, v in labels.items()}
     keep = ("sampler", "steps", "cfg_scale", "guide_channels", "num_samples", "labels", "seed", "per_proc_batch",
@@ -161,8 +163,10 @@ def evaluate_file(samples: Path, cfg: EvalConfig, cache: Path, extractor: ex.Ext
 
 
 def features_file(eval_file: Path) -> Path:
-    """eval/<stem>.<tag>.features.npy beside eval/<stem>.<tag>.json: the scored samples' pool features."""
-    return eval_file.with_suffix(".features.npy")
+    """eval/<stem>.<tag>.features.npz beside eval/<stem>.<tag>.json: the scored samples' pool features (`pool`,
+    float32, in sample order) and the reference Gaussian they were scored against (`reference_mu`,
+    `reference_sigma`)."""
+    return eval_file.with_suffix(".features.npz")
 
 
 def _sample_images(samples: Path) -> np.ndarray:

@@ -330,3 +330,73 @@ def _protocol_differences(proto, ours) -> list[str]:
     if proto.cfg_scale is not None and _nan_none(ours.get("cfg_scale")) not in (None, proto.cfg_scale):
         out.append(f"cfg {ours['cfg_scale']:g}, paper {proto.cfg_scale:g}")
     return out
+
+
+def step_changes(plan: Plan, root: Path) -> pd.DataFrame:
+    """Each step that `extends` another, against it, per sample protocol: our FID change (a paired difference:
+    same training seeds, same sampling noise and labels), its interval, whether it is resolved, and the paper's
+    change between the same rows. One row per (step, protocol); seeds folded (`repro.metrics.stats.over_seeds`).
+    Only sample sets whose features were stored (evaluator 3) count; the others are listed as missing."""
+    import numpy as np
+
+    from repro.evaluate import features_file
+    from repro.metrics.fid import Gaussian
+    from repro.metrics.stats import fid_difference, over_seeds
+
+    parents = {s.name: s.extends for s in plan.study.study.steps if s.extends}
+    runs = {(r.step, r.seed): r for r in plan.runs}
+    paper_fid = _paper_fids(plan)
+    out = []
+    for step, parent in parents.items():
+        mine = [r for r in plan.runs if r.step == step]
+        if not mine:
+            continue
+        for sample in mine[0].samples:
+            pid = protocol_id(sample)
+            diffs, missing = [], []
+            for run in mine:
+                base = runs.get((parent, run.seed))
+                sets = []
+                for r in (run, base):
+                    path = None if r is None else features_file(rundir.RunPaths(root / "runs" / r.id).eval_file(
+                        pid, r.evaluation.tag))
+                    sets.append(path if path is not None and path.is_file() else None)
+                if None in sets:
+                    missing.append(f"seed {run.seed}")
+                    continue
+                with np.load(sets[0]) as a, np.load(sets[1]) as b:
+                    if len(a["pool"]) != len(b["pool"]):
+                        missing.append(f"seed {run.seed} (sample sets of {len(a['pool'])} and {len(b['pool'])})")
+                        continue
+                    reference = Gaussian(b["reference_mu"], b["reference_sigma"])
+                    diffs.append(fid_difference(a["pool"], b["pool"], reference))
+            row = {"step": step, "label": mine[0].label, "extends": parent,
+                   "extends_label": next((r.label for r in plan.runs if r.step == parent), parent),
+                   "protocol": pid, "missing": ", ".join(missing) or None,
+                   "paper_change": (paper_fid[step] - paper_fid[parent]
+                                    if paper_fid.get(step) is not None and paper_fid.get(parent) is not None
+                                    else None)}
+            if diffs:
+                folded = over_seeds(diffs)
+                row.update({k: folded.get(k) for k in ("diff", "lo", "hi", "resolved", "seeds", "over", "n",
+                                                       "samples_to_resolve", "seeds_to_resolve")})
+            out.append(row)
+    return pd.DataFrame(out)
+
+
+def _paper_fids(plan: Plan) -> dict[str, float | None]:
+    """Step -> the paper's FID of the first row it stands for (None where the paper prints none)."""
+    from repro.paper import load_paper
+
+    study = plan.study.study
+    if study.paper is None or plan.study.paper_path is None:
+        return {}
+    paper = load_paper(plan.study.paper_path)
+    out = {}
+    for run in _first_seed(plan.runs):
+        if not run.rows:
+            continue
+        table, _, key = run.rows[0].rpartition("/")
+        row = paper.tables[table or study.paper.table].rows.get(key)
+        out[run.step] = None if row is None else row.values.get("fid")
+    return out

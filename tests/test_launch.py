@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -375,6 +376,11 @@ def test_evaluate_and_bench_stages_write_their_records_with_the_protocol(tmp_pat
         assert all(v is not None and v == v for v in record["metrics"].values())
         assert record["labels"]["fid"] == "FID-8 (Fashion-MNIST classifier)"
         assert "8 samples, not 50K" in record["paper_protocol"]["differences"]
+        # the FID's interval over the sample set, and the features a paired difference resamples
+        iv = record["intervals"]["fid"]
+        assert iv["lo"] < record["metrics"]["fid"] < iv["hi"] and iv["n"] == 8 and iv["resamples"] == 200
+        with np.load(folder / "eval" / p["features_file"]) as f:
+            assert f["pool"].shape[0] == 8 and f["reference_sigma"].shape == (f["pool"].shape[1],) * 2
     # the study's bench is one job timing every run of the study, whichever --only selected
     record = json.loads((root / "bench" / f"{plan.study.study.study}.json").read_text())
     assert set(record["runs"]) == {r.id for r in plan.runs}

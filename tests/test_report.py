@@ -18,7 +18,7 @@ from repro import rundir
 from repro.cli import main
 from repro.paper import load_paper
 from repro.plan import expand, load_study
-from repro.results import PAPER_METRICS
+from repro.results import PAPER_METRICS, step_changes
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "report_table.csv"
@@ -231,3 +231,42 @@ def test_html_renders_in_headless_chromium_without_console_errors(reported, tmp_
     bad.write_text("<html><body><p>x</p><script>console.error('fixture error')</script></body></html>")
     _, console = render(bad, tmp_path / "bad")
     assert "fixture error" in console
+
+
+def _features(root: Path, run, pool: np.ndarray) -> None:
+    """FIXTURE: the sample features evaluator 3 stores beside a run's eval record (reference: N(0, I))."""
+    from repro.evaluate import features_file
+
+    pid = run.stages[1].name.split(":", 1)[1]
+    path = features_file(rundir.RunPaths(root / "runs" / run.id).eval_file(pid, run.evaluation.tag))
+    np.savez(path, pool=pool.astype(np.float32), reference_mu=np.zeros(pool.shape[1]),
+             reference_sigma=np.eye(pool.shape[1]))
+
+
+def test_step_change_is_resolved_only_when_larger_than_its_noise(reported, tmp_path):
+    """A step's paired FID change to the step it extends: resolved when the child's samples differ clearly from
+    the parent's, not resolved (with an estimate of what would resolve it) when the difference is below the noise."""
+    plan, out, _ = reported
+    root = tmp_path / "results"
+    child = next(s for s in plan.study.study.steps if s.extends and s.name == "relu")
+    runs = {(r.step, r.seed): r for r in plan.runs}
+    seeds = sorted({r.seed for r in plan.runs if r.step == child.name})
+
+    def write(shift: float, same_noise: bool) -> pd.Series:
+        for seed in seeds:
+            noise = np.random.default_rng(seed).normal(size=(400, 6))
+            _features(root, runs[(child.extends, seed)], noise)
+            other = noise if same_noise else np.random.default_rng(seed + 100).normal(size=(400, 6))
+            _features(root, runs[(child.name, seed)], other + shift)
+        changes = step_changes(plan, root)
+        return changes[changes["step"] == child.name].iloc[0]
+
+    far = write(0.3, same_noise=True)
+    assert far["resolved"] and far["lo"] > 0 and far["seeds"] == len(seeds) == 2 and far["over"] == "seeds"
+    near = write(0.001, same_noise=False)
+    assert not near["resolved"] and near["lo"] < 0 < near["hi"] and near["seeds_to_resolve"] > 2
+    assert main(["report", str(plan.study.path), "--results", str(root), "--out", str(tmp_path / "again")]) == 0
+    md = (tmp_path / "again" / "report.md").read_text()
+    line = next(ln for ln in md.splitlines() if ln.startswith(f"| {near['label']} |"))
+    assert "not resolved at this budget" in line and f"| {len(seeds)} seeds |" in line
+    assert f"~{int(near['seeds_to_resolve']):,} seeds" in line

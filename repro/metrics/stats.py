@@ -17,6 +17,10 @@ sample sets. Spearman's rho uses the percentile interval (bounded, no such bias)
 - **Samples to resolve** (`samples_to_resolve`): the bootstrap std of a difference shrinks as 1/sqrt(N), so an
   observed difference d with std s at N samples needs about N (z s / d)^2 samples for its interval to exclude 0
   (the same formula with the seeds' std gives the seeds).
+- **Over seeds** (`over_seeds`): a step's paired differences of several training seeds (each on the same sampling
+  noise) are averaged; the interval is mean +- z s / sqrt(n), s their std, and `samples_to_resolve` with s gives
+  the seeds. With one seed, the sample set's bootstrap interval is all there is, and it says nothing of training
+  noise: the report says which of the two an interval is.
 - **Spearman's rho** (`spearman_interval`): rows drawn with replacement; resamples whose ranks are constant have
   no rho and are left out (their count is returned).
 
@@ -153,3 +157,21 @@ def spearman_interval(x, y, resamples: int = RESAMPLES, seed: int = SEED, level:
     lo, hi = _interval(np.asarray(values), level)
     return {"rho": rho, "lo": lo, "hi": hi, "level": level, "resamples": len(values), "n": len(x),
             "dropped": resamples - len(values)}
+
+
+def over_seeds(diffs: list[dict], level: float = LEVEL) -> dict:
+    """One step's paired differences (`fid_difference` of each training seed) folded: the mean, and an interval
+    over seeds when there are several (else the one seed's interval over samples); resolved and how many seeds
+    (or samples) would resolve it."""
+    if not diffs:
+        raise ValueError("no differences to fold")
+    if len(diffs) == 1:
+        d = diffs[0]
+        return {**d, "seeds": 1, "over": "samples"}
+    values = np.array([d["diff"] for d in diffs])
+    mean, s = float(values.mean()), float(values.std(ddof=1))
+    half = z_value(level) * s / math.sqrt(len(values))
+    return {"diff": mean, "lo": mean - half, "hi": mean + half, "std": s, "level": level, "seeds": len(values),
+            "n": diffs[0]["n"], "over": "seeds", "resolved": bool(abs(mean) > half),
+            # s is one seed's spread, so its standard error at m seeds is s / sqrt(m): m = (z s / d)^2
+            "seeds_to_resolve": samples_to_resolve(mean, s / math.sqrt(len(values)), len(values), level)}

@@ -27,7 +27,7 @@ from repro import rundir
 from repro.plan import Plan
 from repro.report import plots
 from repro.metrics.stats import LEVEL, z_value
-from repro.results import PAPER_METRICS, bench_record, by_step, collect, loss_curves, paper_table
+from repro.results import PAPER_METRICS, bench_record, by_step, collect, loss_curves, paper_table, step_changes
 
 FORMATS = ("html", "md", "csv", "tex")
 SHOWN = ("fid", "is", "sfid", "precision", "recall", "gmacs", "params_m", "img_per_s")
@@ -140,6 +140,38 @@ def display_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def change_rows(changes: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """Step-to-step changes as text cells: ours (paired, with its interval and what it is over), resolved or not,
+    the paper's change between the same rows (its sign is what compares across protocols), and what would
+    resolve ours."""
+    head = ["step", "extends", "FID change, ours [95%]", "interval over", "resolved", "FID change, paper",
+            "same direction", "to resolve"]
+    rows = []
+    for _, r in changes.iterrows():
+        paper = r.get("paper_change")
+        paper = None if paper is None or (isinstance(paper, float) and math.isnan(paper)) else float(paper)
+        cells = [r["label"], r["extends_label"]]
+        diff = r.get("diff")
+        if diff is None or (isinstance(diff, float) and math.isnan(diff)):
+            cells += [f"not measured (no stored sample features: {r['missing']})", "", "", _signed(paper), "", ""]
+            rows.append(cells)
+            continue
+        one = r["over"] == "samples"
+        over = "samples (1 seed)" if one else f"{int(r['seeds'])} seeds"
+        need = r["samples_to_resolve"] if one else r["seeds_to_resolve"]
+        same = "" if paper is None or not r["resolved"] else ("yes" if (diff > 0) == (paper > 0) else "no")
+        todo = "" if r["resolved"] or need is None or (isinstance(need, float) and math.isnan(need)) else \
+            f"~{int(need):,} {'samples' if one else 'seeds'}"
+        cells += [f"{_signed(diff)} [{_signed(r['lo'])}, {_signed(r['hi'])}]", over,
+                  "resolved" if r["resolved"] else "not resolved at this budget", _signed(paper), same, todo]
+        rows.append(cells)
+    return head, rows
+
+
+def _signed(v) -> str:
+    return "" if v is None else f"{v:+.2f}"
+
+
 def _markdown(head: list[str], rows: list[list[str]]) -> str:
     def esc(c: str) -> str:
         return str(c).replace("|", "\\|").replace("\n", " ")
@@ -232,6 +264,11 @@ def _write(plan: Plan, root: Path, out: Path, formats: tuple[str, ...]) -> dict[
         rundir.atomic_write_text(out / "table.tex", _latex(table))
         written["table.tex"] = out / "table.tex"
     head, rows = display_rows(table) if len(table) else ([], [])
+    changes = step_changes(plan, root) if "evaluate" in study.stages else pd.DataFrame()
+    if "csv" in formats and len(changes):
+        rundir.atomic_write_text(out / "changes.csv", changes.to_csv(index=False, float_format="%.6g"))
+        written["changes.csv"] = out / "changes.csv"
+    changes_head, changes_rows = change_rows(changes) if len(changes) else ([], [])
     states = df["state"].value_counts().to_dict() if len(df) else {}
     planned = df.drop_duplicates("run_id")["gpu_hours_planned"].sum(min_count=1) if len(df) else None
     context = {
@@ -244,6 +281,7 @@ def _write(plan: Plan, root: Path, out: Path, formats: tuple[str, ...]) -> dict[
         "common_differences": common_differences(table) if len(table) else [],
         "bench_notes": bench_notes(steps), "unreliable_mark": UNRELIABLE,
         "correlations": correlations(table, "fid"),
+        "changes_head": changes_head, "changes_rows": changes_rows,
         "protocols": _protocol_lines(df, table, plan, root), "figures": plots.FIGURES, "grids": grids,
         "metrics": [NAMES[m] for m in PAPER_METRICS if m in NAMES],
         "damaged": damaged_notes(df),
@@ -255,7 +293,8 @@ def _write(plan: Plan, root: Path, out: Path, formats: tuple[str, ...]) -> dict[
                              autoescape=jinja2.select_autoescape(["html", "html.j2"], default_for_string=True),
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     if "md" in formats:
-        context_md = {**context, "table_md": _markdown(head, rows) if rows else ""}
+        context_md = {**context, "table_md": _markdown(head, rows) if rows else "",
+                      "changes_md": _markdown(changes_head, changes_rows) if changes_rows else ""}
         rundir.atomic_write_text(out / "report.md", env.get_template("report.md.j2").render(**context_md))
         written["report.md"] = out / "report.md"
     if "html" in formats:

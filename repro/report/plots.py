@@ -25,6 +25,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from repro import rundir  # noqa: E402
+from repro.metrics.stats import z_value  # noqa: E402
 
 FIGURES = ("roadmap", "fid_vs_step", "frontier", "speedup", "loss")
 sns.set_theme(style="whitegrid", context="paper")
@@ -71,9 +72,13 @@ def roadmap(table: pd.DataFrame, out: Path, title: str) -> list[Path]:
         handles, labels = ax.get_legend_handles_labels()
         ours = pd.to_numeric(main["ours_fid"], errors="coerce") if "ours_fid" in main else None
         if ours is not None and ours.notna().any():
-            std = pd.to_numeric(main["ours_fid_std"], errors="coerce").fillna(0) if "ours_fid_std" in main else None
+            # bars: the std over seeds; a step with one seed, its 95% interval over the sample set
+            std, se = (pd.to_numeric(main[c], errors="coerce") if c in main else pd.Series(float("nan"), main.index)
+                       for c in ("ours_fid_std", "ours_fid_se"))
+            bars = std.fillna(z_value() * se).fillna(0)
             ax2 = ax.twinx()  # ours is measured under another protocol: never on the paper's axis
-            ax2.errorbar(list(x), ours, yerr=std, fmt="s-", color="tab:blue", capsize=3, label="ours (own protocol)")
+            ax2.errorbar(list(x), ours, yerr=bars, fmt="s-", color="tab:blue", capsize=3,
+                         label="ours (own protocol; bars: seed std, or 95% over samples for one seed)")
             ax2.set_ylabel("our FID (own protocol)", color="tab:blue")
             ax2.grid(False)
             h2, l2 = ax2.get_legend_handles_labels()
