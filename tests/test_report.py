@@ -270,3 +270,29 @@ def test_step_change_is_resolved_only_when_larger_than_its_noise(reported, tmp_p
     line = next(ln for ln in md.splitlines() if ln.startswith(f"| {near['label']} |"))
     assert "not resolved at this budget" in line and f"| {len(seeds)} seeds |" in line
     assert f"~{int(near['seeds_to_resolve']):,} seeds" in line
+
+
+def test_no_delta_between_protocols_ranks_and_changes_instead(reported):
+    """Every fixture row was measured under another protocol than the paper's: no Δ column in either table, ranks
+    within each paper table instead; a row whose protocol matched would get its Δ, and only that row."""
+    from repro.report import display_rows, other_rows
+
+    plan, out, _ = reported
+    md = (out / "report.md").read_text()
+    tables = [ln for ln in md.splitlines() if ln.startswith("| table |")]
+    assert len(tables) == 2 and not any("Δ" in ln for ln in tables)
+    assert tables[0].split(" | ")[3:9] == ["FID paper", "rank", "FID ours", "rank", "change, paper", "change, ours"]
+    table = pd.read_csv(out / "table.csv")
+    head, rows = display_rows(table)
+    t4 = [r for r in rows if r[0] == "t4" and r[6]]
+    paper_order = [r[1] for r in sorted(t4, key=lambda r: int(r[4]))]
+    ours_order = [r[1] for r in sorted(t4, key=lambda r: int(r[6]))]
+    done = table[(table["table"] == "t4") & table["ours_fid"].notna()]
+    assert paper_order == list(done.sort_values("paper_fid")["paper_label"])
+    assert ours_order == list(done.sort_values("ours_fid")["paper_label"])
+    table.loc[0, "protocol_match"] = True
+    head, rows = display_rows(table)
+    at = head.index("FID Δ")
+    assert rows[0][at] == f"{table.loc[0, 'delta_fid']:.2f}" and not any(r[at] for r in rows[1:])
+    other_head, other = other_rows(table)
+    assert "IS Δ" in other_head and not any(r[other_head.index("IS Δ")] for r in other[1:])

@@ -109,34 +109,91 @@ def common_differences(table: pd.DataFrame) -> list[str]:
     return [d for d in first if all(d in s for s in lists)]
 
 
-def display_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
-    """The regenerated table as text cells: per metric paper | ours (± std) | delta, then match and state."""
+def _present(v) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+
+def _ours(r, m: str) -> str:
+    """Our number: mean ± std over seeds, or with one seed the FID's interval over the sample set; else the state."""
+    ours, std = r.get(f"ours_{m}"), r.get(f"ours_{m}_std")
+    if not _fmt(ours):
+        return r["state"]
+    shown = _fmt(ours) + (f" ± {_fmt(std)}" if _fmt(std) else "")
+    se = r.get("ours_fid_se") if m == "fid" else None
+    if not _fmt(std) and _fmt(se):  # one seed: the sample set's 95% interval
+        shown += f" [{_fmt(ours - z_value() * se)}, {_fmt(ours + z_value() * se)}]"
+    if m == "img_per_s" and unreliable(r):
+        shown += f" {UNRELIABLE}"
+    return shown
+
+
+def _match(r, common: set[str]) -> str:
+    if r["protocol_match"]:
+        return "matches"
+    extra = [d for d in r["protocol_differences"].split("; ") if d not in common]
+    return "differs" + (" (as listed above)" if common else "") + ("; " + "; ".join(extra) if extra else "")
+
+
+def ranks(table: pd.DataFrame, column: str) -> pd.Series:
+    """1 = lowest, within each paper table, over the rows that have both the paper's FID and ours (so the two
+    rankings are over the same rows); NaN elsewhere."""
+    both = table["paper_fid"].notna() & table["ours_fid"].notna() if "ours_fid" in table else table["paper_fid"] < 0
+    out = pd.Series(float("nan"), index=table.index)
+    for _, part in table[both].groupby("table", sort=False):
+        out[part.index] = part[column].astype(float).rank(method="min")
+    return out
+
+
+def display_rows(table: pd.DataFrame, changes: pd.DataFrame | None = None) -> tuple[list[str], list[list[str]]]:
+    """The regenerated table at a glance: the headline metric (FID), paper and ours, each's rank within its paper
+    table, each's change from the step a step extends, and the protocol state. A Δ (ours minus paper) only where
+    some row was measured under the paper's protocol, and only in those rows: values of two protocols do not
+    subtract; ranks and changes compare."""
     common = set(common_differences(table))
-    metrics = [m for m in SHOWN if f"paper_{m}" in table and table[f"paper_{m}"].notna().any()]
+    any_match = bool(table["protocol_match"].any())
+    head = ["table", "paper row", "our step", "FID paper", "rank", "FID ours", "rank", "change, paper",
+            "change, ours"] + (["FID Δ"] if any_match else []) + ["protocol"]
+    paper_rank, our_rank = ranks(table, "paper_fid"), ranks(table, "ours_fid") if "ours_fid" in table else None
+    by_step = {r["step"]: r for _, r in changes.iterrows()} if changes is not None and len(changes) else {}
+    rows = []
+    for i, r in table.iterrows():
+        change = by_step.get(r["step"])
+        paper_change = ours_change = ""
+        if change is not None:
+            paper_change = _signed(change["paper_change"]) if _present(change["paper_change"]) else ""
+            if _present(change.get("diff")):
+                ours_change = _signed(change["diff"]) + (" (resolved)" if change["resolved"] else " (not resolved)")
+        cells = [r["table"], r["paper_label"], r["our_label"], _fmt(r.get("paper_fid")),
+                 _rank(paper_rank[i]), _ours(r, "fid"), _rank(our_rank[i]) if our_rank is not None else "",
+                 paper_change, ours_change]
+        if any_match:
+            cells.append(_fmt(r.get("delta_fid")) if r["protocol_match"] else "")
+        cells.append(_match(r, common))
+        rows.append(cells)
+    return head, rows
+
+
+def _rank(v) -> str:
+    return str(int(v)) if _present(v) else ""
+
+
+def other_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """The other metrics, each in its own unit: paper and ours side by side (a Δ only for rows whose protocol
+    matches the paper's), and the run's state."""
+    metrics = [m for m in SHOWN if m != "fid" and f"paper_{m}" in table and table[f"paper_{m}"].notna().any()]
+    any_match = bool(table["protocol_match"].any())
     head = ["table", "paper row", "our step"]
     for m in metrics:
-        head += [f"{NAMES[m]} paper", f"{NAMES[m]} ours", f"{NAMES[m]} Δ"]
-    head += ["protocol match", "state"]
+        head += [f"{NAMES[m]} paper", f"{NAMES[m]} ours"] + ([f"{NAMES[m]} Δ"] if any_match else [])
+    head += ["state"]
     rows = []
     for _, r in table.iterrows():
         cells = [r["table"], r["paper_label"], r["our_label"]]
         for m in metrics:
-            ours = r.get(f"ours_{m}")
-            std = r.get(f"ours_{m}_std")
-            shown = _fmt(ours) + (f" ± {_fmt(std)}" if _fmt(std) else "") if _fmt(ours) else r["state"]
-            se = r.get("ours_fid_se") if m == "fid" else None
-            if _fmt(ours) and not _fmt(std) and _fmt(se):  # one seed: the sample set's 95% interval
-                shown += f" [{_fmt(ours - z_value() * se)}, {_fmt(ours + z_value() * se)}]"
-            if m == "img_per_s" and _fmt(ours) and unreliable(r):
-                shown += f" {UNRELIABLE}"
-            cells += [_fmt(r.get(f"paper_{m}")), shown, _fmt(r.get(f"delta_{m}"))]
-        if r["protocol_match"]:
-            match = "yes"
-        else:
-            extra = [d for d in r["protocol_differences"].split("; ") if d not in common]
-            match = "no" + (" (as listed above)" if common else "") + ("; " + "; ".join(extra) if extra else "")
-        cells += [match, r["state"]]
-        rows.append(cells)
+            cells += [_fmt(r.get(f"paper_{m}")), _ours(r, m)]
+            if any_match:
+                cells.append(_fmt(r.get(f"delta_{m}")) if r["protocol_match"] else "")
+        rows.append(cells + [r["state"]])
     return head, rows
 
 
@@ -263,8 +320,9 @@ def _write(plan: Plan, root: Path, out: Path, formats: tuple[str, ...]) -> dict[
     if "tex" in formats and len(table):
         rundir.atomic_write_text(out / "table.tex", _latex(table))
         written["table.tex"] = out / "table.tex"
-    head, rows = display_rows(table) if len(table) else ([], [])
     changes = step_changes(plan, root) if "evaluate" in study.stages else pd.DataFrame()
+    head, rows = display_rows(table, changes) if len(table) else ([], [])
+    other_head, other = other_rows(table) if len(table) else ([], [])
     if "csv" in formats and len(changes):
         rundir.atomic_write_text(out / "changes.csv", changes.to_csv(index=False, float_format="%.6g"))
         written["changes.csv"] = out / "changes.csv"
@@ -281,7 +339,7 @@ def _write(plan: Plan, root: Path, out: Path, formats: tuple[str, ...]) -> dict[
         "common_differences": common_differences(table) if len(table) else [],
         "bench_notes": bench_notes(steps), "unreliable_mark": UNRELIABLE,
         "correlations": correlations(table, "fid"),
-        "changes_head": changes_head, "changes_rows": changes_rows,
+        "changes_head": changes_head, "changes_rows": changes_rows, "other_head": other_head, "other_rows": other,
         "protocols": _protocol_lines(df, table, plan, root), "figures": plots.FIGURES, "grids": grids,
         "metrics": [NAMES[m] for m in PAPER_METRICS if m in NAMES],
         "damaged": damaged_notes(df),
@@ -294,7 +352,8 @@ def _write(plan: Plan, root: Path, out: Path, formats: tuple[str, ...]) -> dict[
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     if "md" in formats:
         context_md = {**context, "table_md": _markdown(head, rows) if rows else "",
-                      "changes_md": _markdown(changes_head, changes_rows) if changes_rows else ""}
+                      "changes_md": _markdown(changes_head, changes_rows) if changes_rows else "",
+                      "other_md": _markdown(other_head, other) if other else ""}
         rundir.atomic_write_text(out / "report.md", env.get_template("report.md.j2").render(**context_md))
         written["report.md"] = out / "report.md"
     if "html" in formats:
