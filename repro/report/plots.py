@@ -61,6 +61,12 @@ def _unreliable(v) -> bool:
 
 
 @_plain_text
+def fid_bars(std: pd.Series, se: pd.Series) -> pd.Series:
+    """Error bars of our FIDs: the std over seeds; where one seed, the half-width of its 95% interval over the
+    sample set; 0 where neither is known."""
+    return pd.to_numeric(std, errors="coerce").fillna(z_value() * pd.to_numeric(se, errors="coerce")).fillna(0)
+
+
 def roadmap(table: pd.DataFrame, out: Path, title: str) -> list[Path]:
     fig, ax = plt.subplots(figsize=(8, 4))
     main = table[table["table"] == table["table"].iloc[0]] if len(table) else table
@@ -72,10 +78,9 @@ def roadmap(table: pd.DataFrame, out: Path, title: str) -> list[Path]:
         handles, labels = ax.get_legend_handles_labels()
         ours = pd.to_numeric(main["ours_fid"], errors="coerce") if "ours_fid" in main else None
         if ours is not None and ours.notna().any():
-            # bars: the std over seeds; a step with one seed, its 95% interval over the sample set
             std, se = (pd.to_numeric(main[c], errors="coerce") if c in main else pd.Series(float("nan"), main.index)
                        for c in ("ours_fid_std", "ours_fid_se"))
-            bars = std.fillna(z_value() * se).fillna(0)
+            bars = fid_bars(std, se)
             ax2 = ax.twinx()  # ours is measured under another protocol: never on the paper's axis
             ax2.errorbar(list(x), ours, yerr=bars, fmt="s-", color="tab:blue", capsize=3,
                          label="ours (own protocol; bars: seed std, or 95% over samples for one seed)")
@@ -96,9 +101,11 @@ def fid_vs_step(df: pd.DataFrame, out: Path) -> list[Path]:
     have = df.dropna(subset=["fid"]) if len(df) else df
     if len(have):
         for label, g in have.groupby("label", sort=False):
-            g = g.groupby("checkpoint_step")["fid"].mean().sort_index()
-            ax.plot(g.index, g.values, "o-", label=label)
-        ax.set_xlabel("training step")
+            at = g.groupby("checkpoint_step")
+            mean = at["fid"].mean().sort_index()
+            bars = fid_bars(at["fid"].std(ddof=1), at["fid_se"].mean()).reindex(mean.index)
+            ax.errorbar(mean.index, mean.values, yerr=bars.values, fmt="o-", capsize=2, label=label)
+        ax.set_xlabel("training step (bars: seed std, or 95% over samples for one seed)")
         ax.set_ylabel(str(have["fid_label"].dropna().iloc[0]) if have["fid_label"].notna().any() else "FID")
         ax.legend(fontsize=7)
         ax.set_title("FID against training step", fontsize=10)
@@ -125,6 +132,9 @@ def frontier(steps: pd.DataFrame, out: Path) -> list[Path]:
                 label = f"{label} (img/s unreliable)"
             else:
                 ax.scatter(r["img_per_s"], r["fid"], marker="s" if base else "o", s=60 if base else 40, color=colour)
+            bar = fid_bars(pd.Series([r.get("fid_std")], dtype=float), pd.Series([r.get("fid_se")], dtype=float))[0]
+            if bar:
+                ax.errorbar(r["img_per_s"], r["fid"], yerr=bar, fmt="none", ecolor="tab:gray", capsize=2)
             ax.annotate(label, (r["img_per_s"], r["fid"]), fontsize=7, xytext=(3, 3), textcoords="offset points",
                         color="tab:gray" if label != r["label"] else "black")
         ax.set_xlabel("denoiser img/s (the study's bench job)")
