@@ -89,8 +89,10 @@ def test_fid_end_to_end_equals_cleanfid(layers_file, images, tmp_path):
     from cleanfid.fid import compute_fid
 
     da, db = _folder(tmp_path / "a", images[:16]), _folder(tmp_path / "b", images[16:32])
+    # sFID: the test above (sqrtm at 2K is slow); no bootstrap interval: 200 eigendecompositions at 2048-d take
+    # minutes here, and the interval is tested on small features (tests/test_stats.py)
     cfg = EvalConfig(reference=str(db), mode="clean", inception=str(layers_file), batch_size=16,
-                     metrics=("fid", "is", "precision", "recall"))  # sFID: the test above (sqrtm at 2K is slow)
+                     metrics=("fid", "is", "precision", "recall"), bootstrap=0)
     record = evaluate_file(da, cfg, tmp_path / "cache")
     theirs = compute_fid(str(da), str(db), mode="clean", custom_feat_extractor=ex.cleanfid_model(layers_file),
                          device=torch.device("cpu"), num_workers=0, batch_size=16, verbose=False,
