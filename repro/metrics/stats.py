@@ -94,20 +94,25 @@ def _normal_interval(values: np.ndarray, estimate: float, level: float) -> tuple
     return estimate - z_value(level) * se, estimate + z_value(level) * se, se
 
 
-def fid_resamples(features: np.ndarray, reference: Gaussian, counts: np.ndarray) -> np.ndarray:
+def fid_resamples(features: np.ndarray, reference: Gaussian | _Frechet, counts: np.ndarray) -> np.ndarray:
+    """The FID of each resample (a row of `counts`); the last is the full set's when `counts` ends with ones."""
     f = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
-    frechet = _Frechet(reference)
+    frechet = reference if isinstance(reference, _Frechet) else _Frechet(reference)  # the reference's root once
     return np.array([frechet(*_moments(f, c)) for c in counts])
+
+
+def _with_full_set(counts: np.ndarray) -> np.ndarray:
+    return np.vstack([counts, np.ones(counts.shape[1], dtype=counts.dtype)])
 
 
 def fid_interval(features: np.ndarray, reference: Gaussian, resamples: int = RESAMPLES, seed: int = SEED,
                  level: float = LEVEL) -> dict:
     """The bootstrap interval of a sample set's FID: {fid, lo, hi, std, level, resamples, n, method}."""
-    f = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
-    estimate = _Frechet(reference)(*_moments(f, np.ones(len(f), dtype=np.int64)))
-    values = fid_resamples(f, reference, resample_counts(len(f), resamples, seed))
-    lo, hi, se = _normal_interval(values, estimate, level)
-    return {"fid": estimate, "lo": lo, "hi": hi, "std": se, "level": level, "resamples": resamples, "n": len(f),
+    *values, estimate = fid_resamples(features, reference, _with_full_set(resample_counts(len(features), resamples,
+                                                                                          seed)))
+    lo, hi, se = _normal_interval(np.array(values), estimate, level)
+    return {"fid": estimate, "lo": lo, "hi": hi, "std": se, "level": level, "resamples": resamples,
+            "n": len(features),
             "method": f"FID +- z SE, SE of a bootstrap over the samples ({resamples} resamples, seed {seed})"}
 
 
@@ -117,13 +122,10 @@ def fid_difference(features: np.ndarray, base: np.ndarray, reference: Gaussian, 
     whether it is resolved (the interval excludes 0)."""
     if len(features) != len(base):
         raise ValueError(f"a paired difference needs sample sets of one size, got {len(features)} and {len(base)}")
-    counts = resample_counts(len(features), resamples, seed)
-    diffs = fid_resamples(features, reference, counts) - fid_resamples(base, reference, counts)
-    full = np.ones(len(features), dtype=np.int64)
+    counts = _with_full_set(resample_counts(len(features), resamples, seed))
     frechet = _Frechet(reference)
-    f, b = (np.asarray(x, dtype=np.float64).reshape(len(x), -1) for x in (features, base))
-    diff = frechet(*_moments(f, full)) - frechet(*_moments(b, full))
-    lo, hi, std = _normal_interval(diffs, diff, level)
+    *diffs, diff = fid_resamples(features, frechet, counts) - fid_resamples(base, frechet, counts)
+    lo, hi, std = _normal_interval(np.array(diffs), diff, level)
     return {"diff": diff, "lo": lo, "hi": hi, "std": std, "level": level, "resamples": resamples,
             "n": len(features), "resolved": bool(lo > 0 or hi < 0),
             "samples_to_resolve": samples_to_resolve(diff, std, len(features), level)}
