@@ -250,6 +250,17 @@ class FashionMNIST(torch.utils.data.Dataset):
             x = x.flip(-1)
         return x, int(self.labels[index])
 
+    def batch(self, keys) -> tuple[torch.Tensor, torch.Tensor]:
+        """The items of `keys` stacked, the same bits as collating them one by one, in one gather: the item-by-item
+        DataLoader cost 1.6 ms of a tiny model's 120 ms CPU step."""
+        pairs = [_unpack_key(key, len(self)) for key in keys]
+        index = np.array([i for i, _ in pairs], dtype=np.int64)
+        x = torch.from_numpy(self.images[index]).float()[:, None] / 127.5 - 1  # (B, 1, R, R)
+        if self.flip:
+            flips = torch.tensor([flip_from_seed(seed) for _, seed in pairs])
+            x = torch.where(flips[:, None, None, None], x.flip(-1), x)
+        return x, torch.from_numpy(self.labels[index])
+
     def describe(self) -> dict:
         return dict(kind="fashion_mnist", path=str(self.root.resolve()), split=self.split, resolution=self.resolution,
                     channels=1, shape=[1, self.resolution, self.resolution], num_classes=len(self.classes),

@@ -216,9 +216,12 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
     ema_params = [p for _, p in sorted(ema.named_parameters())]
     live_params = [p for _, p in sorted(model.named_parameters())]
 
-    loader = DataLoader(dataset, batch_sampler=StepBatches(len(dataset), t.global_batch, env.rank, env.world,
-                                                          t.seed, step, t.steps),
-                        num_workers=t.num_workers, pin_memory=device.type == "cuda")
+    batches = StepBatches(len(dataset), t.global_batch, env.rank, env.world, t.seed, step, t.steps)
+    if t.num_workers == 0 and hasattr(dataset, "batch"):  # in memory: one gather per step, no collate
+        loader = (dataset.batch(keys) for keys in batches)
+    else:
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=t.num_workers,
+                            pin_memory=device.type == "cuda")
     log = _Logger(paths, env, t.steps, step, progress)
     local = t.global_batch // env.world
     null_class = model.num_classes

@@ -74,6 +74,24 @@ def test_fashion_mnist_at_16px_is_the_2x2_mean_of_the_32px_image(fmnist):
         data.FashionMNIST(split="test", resolution=28)
 
 
+
+@needs_fmnist
+@pytest.mark.parametrize("flip", [False, True])
+def test_fashion_mnist_batch_is_the_collated_items(flip):
+    """The trainer's one-gather batch (num_workers 0) holds the bits the DataLoader would collate item by item."""
+    ds = data.FashionMNIST(split="test", flip=flip, resolution=16)
+    keys = [(i * 37 % 10_000, s) for i, s in enumerate(range(100, 132))]
+    x, y = ds.batch(keys)
+    collated = torch.utils.data.default_collate([ds[k] for k in keys])
+    assert torch.equal(x, collated[0]) and torch.equal(y, collated[1])
+    assert x.dtype == collated[0].dtype and y.dtype == collated[1].dtype
+    if flip:  # some flipped, some not: the flag is applied per item, not to the batch
+        plain = data.FashionMNIST(split="test", resolution=16).batch(keys)[0]
+        same = [torch.equal(a, b) for a, b in zip(x, plain)]
+        assert any(same) and not all(same)
+    with pytest.raises(IndexError):
+        ds.batch([(10_000, 0)])
+
 @needs_fmnist
 def test_fashion_mnist_keys_are_deterministic(fmnist):
     ds = fmnist["test"]
