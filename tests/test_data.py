@@ -87,7 +87,7 @@ def test_fashion_mnist_batch_is_the_collated_items(flip):
     assert x.dtype == collated[0].dtype and y.dtype == collated[1].dtype
     if flip:  # some flipped, some not: the flag is applied per item, not to the batch
         plain = data.FashionMNIST(split="test", resolution=16).batch(keys)[0]
-        same = [torch.equal(a, b) for a, b in zip(x, plain)]
+        same = [torch.equal(a, b) for a, b in zip(x, plain, strict=True)]
         assert any(same) and not all(same)
     with pytest.raises(IndexError):
         ds.batch([(10_000, 0)])
