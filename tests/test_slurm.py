@@ -110,6 +110,10 @@ def test_tiny_roadmap_on_slurm_concurrent_submits_status_and_resubmit(tmp_path):
     assert "queued 0 jobs on slurm (18 done)" in again.stdout, again.stdout + again.stderr
 
 
+
+# Slow (43 s): tests/test_slurm_nodes.py preempts a 2-node run through the same partitions and ends it bit-identical
+# to one process; this one-node version runs with `-m slow`.
+@pytest.mark.slow
 def test_preempted_training_is_requeued_resumes_and_ends_with_identical_weights(tmp_path):
     """A training job in the preemptible partition is preempted by a job in `high`: it gets SIGUSR2, checkpoints
     at its current step, is requeued, resumes there, and ends with the weights of an uninterrupted run."""
