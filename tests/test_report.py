@@ -296,3 +296,9 @@ def test_no_delta_between_protocols_ranks_and_changes_instead(reported):
     assert rows[0][at] == f"{table.loc[0, 'delta_fid']:.2f}" and not any(r[at] for r in rows[1:])
     other_head, other = other_rows(table)
     assert "IS Δ" in other_head and not any(r[other_head.index("IS Δ")] for r in other[1:])
+    # our throughput and params are shown where the paper printed none (as in DiC's roadmap figure)
+    bare = table.assign(paper_img_per_s=float("nan"), paper_params_m=float("nan"), ours_params_m=1.5)
+    other_head, other = other_rows(bare)
+    assert {"img/s ours", "Params (M) ours"} <= set(other_head) and other[0][other_head.index("Params (M) ours")]
+    other_head, _ = other_rows(bare.assign(ours_params_m=float("nan")))
+    assert "Params (M) ours" not in other_head  # neither side has it: no empty column

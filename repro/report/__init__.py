@@ -180,7 +180,9 @@ def _rank(v) -> str:
 def other_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     """The other metrics, each in its own unit: paper and ours side by side (a Δ only for rows whose protocol
     matches the paper's), and the run's state."""
-    metrics = [m for m in SHOWN if m != "fid" and f"paper_{m}" in table and table[f"paper_{m}"].notna().any()]
+    # a metric either side has: our img/s and params matter where the paper printed none (DiC's roadmap)
+    metrics = [m for m in SHOWN if m != "fid" and any(c in table and table[c].notna().any()
+                                                       for c in (f"paper_{m}", f"ours_{m}"))]
     any_match = bool(table["protocol_match"].any())
     head = ["table", "paper row", "our step"]
     for m in metrics:
