@@ -7,8 +7,10 @@ threads per job under contention run several times slower than one (measured: 0.
 Each chain ends with its study's bench, which waits until the other chain's stages have ended and never runs beside
 the other bench (repro.launch.StudyBench), so throughput is timed alone.
 
-One training seed per step fits the half-hour budget on 2 cores; `repro demo --seeds N` trains N seeds per step
-(about N times as long) and the reports give each step's mean and standard deviation.
+One training seed per step is what fits the half-hour budget on 2 cores: the 20 runs are 56 minutes of chain time
+per seed (measured 2026-12-03), and the tiny step is mostly oneDNN convolution, so no switch doubles it
+(benchmarks/tiny_train_speed.py). `repro demo --seeds N` trains N seeds per step (seed 0 reused) and the reports
+give each step's mean and standard deviation.
 """
 
 from __future__ import annotations
