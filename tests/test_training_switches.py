@@ -21,14 +21,15 @@ TINY_DIT = {"name": "DiT-S/4", "overrides": {"hidden_size": 32, "depth": 2, "num
 STEPS = 12
 
 
-def _run(tmp_path: Path, name: str, model=TINY_DIC, steps: int = STEPS, **switches) -> tuple[list[dict], dict]:
+def _run(tmp_path: Path, name: str, model=TINY_DIC, steps: int = STEPS, stop=None,
+         **switches) -> tuple[list[dict], dict]:
     cfg = from_dict(RunConfig, {
         "model": model, "data": {"kind": "fashion_mnist", "resolution": 16},
         "train": {"steps": steps, "global_batch": 8, "lr": 1e-3, "ckpt_every": steps, "log_every": 1,
                   "num_workers": 0, "seed": 1, **switches},
         "sample": {"num_samples": 4, "per_proc_batch": 4, "sampler": "ddim", "steps": "2"}})
     out = tmp_path / name
-    train(cfg, out, progress=False)
+    train(cfg, out, progress=False, stop=stop)
     lines = [json.loads(s) for s in (out / "train" / "metrics.jsonl").read_text().splitlines()]
     state = torch.load(out / "train" / "checkpoints" / f"{steps:07d}.pt", map_location="cpu", weights_only=False)
     return lines, state
@@ -75,6 +76,25 @@ def test_fused_adamw_follows_the_same_loss_curve(tmp_path, plain):
     # same maths, another kernel: rounding-level differences that grow slowly with the steps
     torch.testing.assert_close(_losses(fused), _losses(plain), rtol=1e-4, atol=1e-6)
     assert fused[-1]["switches"]["fused_adamw"] is True
+
+
+@needs_fashion
+def test_the_tiny_studies_switches_keep_resume_bit_exact(tmp_path):
+    """Fused AdamW and NHWC (the tiny studies' speed switches): stopped at step 3 and resumed from its checkpoint, a
+    run ends on the bits of the straight run, and logs the same losses."""
+    from repro.train import Interrupted
+
+    switches = {"fused_adamw": True, "channels_last": True}
+    straight, a = _run(tmp_path, "straight", steps=6, **switches)
+    asked = iter(range(1, 100))
+    with pytest.raises(Interrupted):
+        _run(tmp_path, "resumed", steps=6, stop=lambda: next(asked) == 3, **switches)
+    resumed, b = _run(tmp_path, "resumed", steps=6, **switches)
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in straight] and len(resumed) == 6
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][n], b[key][n]) for n in a[key])
+    for pa, pb in zip(a["opt"]["state"].values(), b["opt"]["state"].values(), strict=True):
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
 @needs_fashion
