@@ -244,15 +244,12 @@ class FashionMNIST(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, key) -> tuple[torch.Tensor, int]:
-        index, seed = _unpack_key(key, len(self))
-        x = torch.from_numpy(self.images[index]).float()[None] / 127.5 - 1  # (1, R, R)
-        if self.flip and flip_from_seed(seed):
-            x = x.flip(-1)
-        return x, int(self.labels[index])
+        x, y = self.batch([key])
+        return x[0], int(y[0])
 
     def batch(self, keys) -> tuple[torch.Tensor, torch.Tensor]:
-        """The items of `keys` stacked, the same bits as collating them one by one, in one gather: the item-by-item
-        DataLoader cost 1.6 ms of a tiny model's 120 ms CPU step."""
+        """The items of `keys` stacked, (B, 1, R, R) in [-1, 1] and labels, in one gather: the trainer's batch when
+        the data is in memory (collating item by item cost 1.6 ms of a tiny model's 120 ms CPU step)."""
         pairs = [_unpack_key(key, len(self)) for key in keys]
         index = np.array([i for i, _ in pairs], dtype=np.int64)
         x = torch.from_numpy(self.images[index]).float()[:, None] / 127.5 - 1  # (B, 1, R, R)

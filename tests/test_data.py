@@ -74,7 +74,6 @@ def test_fashion_mnist_at_16px_is_the_2x2_mean_of_the_32px_image(fmnist):
         data.FashionMNIST(split="test", resolution=28)
 
 
-
 @needs_fmnist
 @pytest.mark.parametrize("flip", [False, True])
 def test_fashion_mnist_batch_is_the_collated_items(flip):
@@ -91,6 +90,7 @@ def test_fashion_mnist_batch_is_the_collated_items(flip):
         assert any(same) and not all(same)
     with pytest.raises(IndexError):
         ds.batch([(10_000, 0)])
+
 
 @needs_fmnist
 def test_fashion_mnist_keys_are_deterministic(fmnist):

@@ -110,7 +110,6 @@ def test_tiny_roadmap_on_slurm_concurrent_submits_status_and_resubmit(tmp_path):
     assert "queued 0 jobs on slurm (18 done)" in again.stdout, again.stdout + again.stderr
 
 
-
 # Slow (43 s): tests/test_slurm_nodes.py preempts a 2-node run through the same partitions and ends it bit-identical
 # to one process; this one-node version runs with `-m slow`.
 @pytest.mark.slow
