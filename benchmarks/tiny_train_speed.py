@@ -86,8 +86,13 @@ def main() -> None:
     ap.add_argument("--chains", action="store_true", help="also: 2 one-thread processes against 1 two-thread one")
     args = ap.parse_args()
 
+    got = subprocess.run(["git", "-C", str(REPO), "archive", args.old], capture_output=True)
+    if got.returncode:
+        print(f"--old {args.old}: not a commit of {REPO} ({got.stderr.decode().strip().splitlines()[-1]})",
+              file=sys.stderr)
+        raise SystemExit(2)
+    archive = got.stdout
     old = Path(tempfile.mkdtemp(prefix="tiny-speed-old-"))
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", args.old], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True).stdout.strip()
