@@ -152,8 +152,9 @@ MpiDefault=none
 SwitchType=switch/none
 MailProg=/bin/true
 SchedulerType=sched/backfill
-# Schedule often: the defaults leave a requeued job pending ~20 s after it became eligible.
-SchedulerParameters=sched_interval=5,bf_interval=5
+# Schedule every second: the defaults leave a requeued job pending ~20 s after it became eligible, and a
+# stage whose dependency ended waits for the next pass (up to 5 s each at sched_interval=5, the tests' chains).
+SchedulerParameters=sched_interval=1,bf_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
