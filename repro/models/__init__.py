@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from repro.errors import did_you_mean
 
-from . import dic, dico, dit, uvit
+from . import dic, dico, diffit, dit, dit_llama, pixart, uvit
 from .layers import Denoiser
 
 
@@ -31,6 +31,10 @@ FAMILIES = {
     "DiC": Family("DiC", dic.DiC, dic.PRESETS, dic.PUBLISHED),
     "DiCo": Family("DiCo", dico.DiCo, dico.PRESETS, dico.PUBLISHED),
     "U-ViT": Family("U-ViT", uvit.UViT, uvit.PRESETS, uvit.PUBLISHED),
+    # comparison systems of DiC's 400K table: counted and benched beside the papers' own models
+    "PixArt-α": Family("PixArt-α", pixart.PixArt, pixart.PRESETS, pixart.PUBLISHED),
+    "DiffiT": Family("DiffiT", diffit.DiffiT, diffit.PRESETS, diffit.PUBLISHED),
+    "DiT-LLaMA": Family("DiT-LLaMA", dit_llama.DiTLlama, dit_llama.PRESETS, dit_llama.PUBLISHED),
 }
 
 PRESETS: dict[str, dict] = {}
