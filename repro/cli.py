@@ -65,14 +65,19 @@ def cmd_models(args) -> int:
     table = Table(title=f"Model presets at {args.resolution}x{args.resolution} px "
                         f"(latent {args.resolution // 8}x{args.resolution // 8}), batch-1 GMACs (papers' 'GFLOPs')")
     table.add_column("model", no_wrap=True)
-    for col in ("family", "params", "GMACs", "paper", "Δ %", "Winograd", "paper Wino."):
+    for col in ("family", "params", "GMACs", "paper", "Δ %", "full GMACs", "Winograd", "paper Wino."):
         table.add_column(col, justify="left" if col == "family" else "right")
     for r in rows:
         table.add_row(r["model"], r["family"], _fmt(r["params"]), _fmt(r["gmacs"]), _fmt(r["paper_gmacs"], 2),
-                      _fmt(r["gmacs_delta_pct"], 2), _fmt(r["winograd_gmacs"]), _fmt(r["paper_winograd_gmacs"], 1))
+                      _fmt(r["gmacs_delta_pct"], 2), _fmt(r["full_gmacs"]), _fmt(r["winograd_gmacs"]),
+                      _fmt(r["paper_winograd_gmacs"], 1))
     console = _console()
     console.print(table)
     console.print(f"counted with {COUNTING_TOOL}; paper values and sources: `repro models --json`")
+    if any(r["full_gmacs"] is not None for r in rows):
+        console.print("GMACs leave out what the family's own code runs in fused kernels (flash-linear-attention, "
+                      "mamba_ssm), which torchprofile cannot see, as the papers count; full GMACs count every op "
+                      "of our PyTorch forward, the reference kernels included", highlight=False)
     return 0
 
 
@@ -111,14 +116,18 @@ def cmd_bench(args) -> int:
     where = env.get("gpu") or f"{env.get('cpu')} ({env.get('cpu_count')} cores, {env.get('threads')} threads)"
     table = Table(title=f"Denoiser throughput: {p['resolution']} px, batch {p['batch']}, {p['dtype']}, "
                         f"{p['device']}")
-    for col in ("model", "img/s (median)", "repeats", "ratio to " + names[0], "spread", "others' CPU", "reliable"):
-        table.add_column(col, justify="left" if col == "model" else "right")
+    for col in ("model", "kernel", "img/s (median)", "repeats", "ratio to " + names[0], "spread", "others' CPU",
+                "reliable"):
+        table.add_column(col, justify="left" if col in ("model", "kernel") else "right")
     for r in report["results"]:
         share = "–" if r["others_cpu_share"] is None else f"{r['others_cpu_share']:.0%}"
-        table.add_row(r["model"], f"{r['img_per_s']:.3f}", " ".join(f"{v:.3f}" for v in r["img_per_s_repeats"]),
-                      f"{r['ratio_to_first']:.3f}x", f"{r['spread']:.0%}", share, "yes" if r["reliable"] else "NO")
+        table.add_row(r["model"], "+".join(r["kernels"]) or "–", f"{r['img_per_s']:.3f}",
+                      " ".join(f"{v:.3f}" for v in r["img_per_s_repeats"]), f"{r['ratio_to_first']:.3f}x",
+                      f"{r['spread']:.0%}", share, "yes" if r["reliable"] else "NO")
     console = _console()
     console.print(table)
+    if report["kernel_note"]:
+        console.print(report["kernel_note"], markup=False, highlight=False)
     for why in report["reasons"]:
         console.print(f"unreliable: {why}", markup=False, highlight=False)
     load = report["load"]

@@ -295,13 +295,17 @@ def bench_study(root: Path, study: str, runs: list[Run], bench: BenchConfig, alo
         if timed[r.id] not in counted:
             counted[timed[r.id]] = count(models.build_meta(spec["name"], **spec["kwargs"]))
         counts = counted[timed[r.id]]
-        why = [*row["reasons"], *shared_reasons]
+        # a reference mixer's speed beside other kernels measures the kernels: said where the figure is shown
+        kernel_why = ["ran the exact PyTorch reference of its mixer, not its source's fused kernel"] if (
+            result["kernel_note"] and "reference" in row["kernels"]) else []
+        why = [*row["reasons"], *shared_reasons, *kernel_why]
         base_row = by_id[timed[base.id]]
         ratio, ratio_spread = repeat_ratio(row["img_per_s_repeats"], base_row["img_per_s_repeats"])
         ratio_why = [*ratio_reliability(row, base_row, ratio_spread), *shared_reasons]
         out_runs[r.id] = {
             "step": r.step, "label": r.label, "model": spec["name"], "model_kwargs": spec["kwargs"],
             "params": counts.params, "gmacs": counts.gmacs, "winograd_gmacs": counts.winograd_gmacs,
+            "full_gmacs": counts.full_gmacs if counts.source_kernel_macs else None, "kernels": row["kernels"],
             "img_per_s": row["img_per_s"], "img_per_s_repeats": row["img_per_s_repeats"],
             "repeats": len(row["img_per_s_repeats"]), "input": row["input"], "spread": row["spread"],
             "others_cpu_share": row["others_cpu_share"], "others_cpu_share_repeats": row["others_cpu_share_repeats"],
@@ -309,6 +313,7 @@ def bench_study(root: Path, study: str, runs: list[Run], bench: BenchConfig, alo
             "ratio_reasons": ratio_why, "reliable": not why, "reasons": why, "timed_as": timed[r.id]}
     record = {"study": study, "measurement_id": uuid.uuid4().hex, "job_id": job_id, "baseline": base.id,
               "reliable": not reasons and not shared_reasons, "reasons": [*shared_reasons, *reasons],
+              "kernel_note": result["kernel_note"],
               "runs": out_runs, "protocol": {**result["protocol"], "counting_tool": COUNTING_TOOL,
                                              "resolutions": sorted(resolutions)},
               "load": result["load"], "alone": alone, **code_commit(),

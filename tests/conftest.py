@@ -16,8 +16,12 @@ def tiny_overrides(name: str) -> dict:
         return dict(hidden_size=32, depth=4, num_heads=2, long_skips=min(kw.get("long_skips", 0), 2))
     if fam == "U-ViT":
         return dict(embed_dim=32, depth=2, num_heads=2)
-    if fam in ("PixArt-α", "DiffiT", "DiT-LLaMA"):
+    if fam in ("PixArt-α", "DiffiT", "DiT-LLaMA", "DiG"):
         return dict(hidden_size=32, depth=2, num_heads=2)
+    if fam == "DiS":
+        return dict(hidden_size=32, depth=2)
+    if fam == "DiM":
+        return dict(hidden_size=32, depth=3)  # odd: DiM's long skips pair the blocks around a middle one
     if fam == "DiC":
         arch = kw.get("arch", "hourglass")
         depths = {"hourglass": (4, 4, 1, 4, 4), "isotropic": (3,), "isotropic_skip": (4,)}[arch]

@@ -18,8 +18,8 @@ import torch
 from repro import models, rundir
 from repro.cli import main
 from repro.launch import decide, read_state, running_here, submit, wait_alone
-from repro.metrics.throughput import (MAX_OTHERS_CPU_SHARE, BenchSettings, measure, ratio_reliability,
-                                     repeat_ratio)
+from repro.metrics.throughput import (MAX_OTHERS_CPU_SHARE, BenchSettings, kernel_note, measure,
+                                     ratio_reliability, repeat_ratio)
 from repro.plan import expand, load_study
 from repro.results import collect
 
@@ -317,3 +317,18 @@ def test_the_report_marks_an_unreliable_figure_and_plots_it_hatched(tmp_path, mo
     assert ratios == {lab: pytest.approx(sum(v) / len(v)) for lab, v in steps.items()}  # the record's, seeds folded
     assert "img/s unreliable (1)" in figures["frontier"]["title"]
     assert "DiCo (iso.) (img/s unreliable)" in figures["frontier"]["texts"]
+
+
+def test_a_reference_mixer_beside_other_kernels_is_named_in_the_rows_and_the_note():
+    """Each row says which token-mixer kernel ran; a reference kernel beside others gets a note, never silently."""
+    from conftest import tiny
+
+    built = {"dit": tiny("DiT-S/2"), "dig": tiny("DiG-S/2")}
+    settings = BenchSettings(batch=2, resolution=16, warmup=1, iters=2, repeats=1, cpu_threads=1)
+    result = measure(built, settings)
+    kernels = {r["model"]: r["kernels"] for r in result["results"]}
+    assert kernels == {"dit": [], "dig": ["reference"]}
+    assert "dig ran the exact PyTorch reference" in result["kernel_note"]
+    assert kernel_note([{"model": "a", "kernels": ["reference"]}, {"model": "b", "kernels": ["reference"]}]) is None
+    assert kernel_note([{"model": "a", "kernels": ["reference"]}, {"model": "b", "kernels": ["fla"]}])
+    assert kernel_note([{"model": "a", "kernels": []}, {"model": "b", "kernels": ["fla"]}]) is None

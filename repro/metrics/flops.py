@@ -9,6 +9,12 @@ the torch functions a forward pass calls (so full-size models can be counted on 
 - elementwise mul: output elements; layer/group norm: output elements when affine, else 0; mean/avg-pool:
   output elements; additions, activations, softmax, embeddings: free.
 
+Fused kernels of the comparison systems (DiG's flash-linear-attention, DiS's and DiM's mamba_ssm): torchprofile's
+TorchScript trace records a custom autograd Function as one opaque node and counts it as 0 MACs, so the GFLOPs those
+papers print leave out whatever runs inside one. Models mark those ops (`repro.models.layers.source_kernel`); the
+counter files them apart: `Counts.macs` is the papers' convention (what torchprofile sees of the source), and
+`Counts.full_macs` adds every op of our PyTorch forward, the exact reference kernels included.
+
 Winograd GMACs (DiC only, `specs/dic.md` section 1): the MACs of the two 3x3 convs inside every basic block
 divided by 2.25 (= 36/16, F(2x2, 3x3)) plus everything else at full count. The DiC authors confirm it is a
 counting convention; no Winograd kernel is involved (DiC#11).
@@ -22,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
+
+from repro.models.layers import in_source_kernel
 
 WINOGRAD_FACTOR = 2.25
 COUNTING_TOOL = "repro.metrics.flops (torchprofile 0.1 rules: conv, linear, matmul, SDPA, mul, affine norms)"
@@ -44,6 +52,7 @@ class _MacCounter(TorchFunctionMode):
         super().__init__()
         self.winograd_weights = winograd_weights
         self.macs = 0
+        self.source_kernel_macs = 0
         self.winograd_conv_macs = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -51,6 +60,9 @@ class _MacCounter(TorchFunctionMode):
         out = func(*args, **kwargs)
         name = getattr(func, "__name__", "")
         macs = self._macs(name, args, kwargs, out)
+        if in_source_kernel():
+            self.source_kernel_macs += macs
+            return out
         self.macs += macs
         if name == "conv2d" and id(args[1]) in self.winograd_weights:
             self.winograd_conv_macs += macs
@@ -92,12 +104,17 @@ class Counts:
 
     params: int
     trainable_params: int
-    macs: int
+    macs: int  # the papers' convention: what torchprofile sees of the source (its fused kernels count 0)
     winograd_macs: int | None  # None where the model declares no Winograd-eligible convs
+    source_kernel_macs: int = 0  # inside the source's fused kernels, as our reference implementations run them
 
     @property
     def gmacs(self) -> float:
         return self.macs / 1e9
+
+    @property
+    def full_gmacs(self) -> float:
+        return (self.macs + self.source_kernel_macs) / 1e9
 
     @property
     def winograd_gmacs(self) -> float | None:
@@ -128,7 +145,8 @@ def count(model: nn.Module, input_size: int | None = None, device: str | torch.d
     winograd = None
     if eligible:
         winograd = round(counter.macs - counter.winograd_conv_macs + counter.winograd_conv_macs / WINOGRAD_FACTOR)
-    return Counts(params=params, trainable_params=trainable, macs=counter.macs, winograd_macs=winograd)
+    return Counts(params=params, trainable_params=trainable, macs=counter.macs, winograd_macs=winograd,
+                  source_kernel_macs=counter.source_kernel_macs)
 
 
 def preset_rows(names: list[str] | None = None, resolution: int = 256) -> list[dict]:
@@ -148,6 +166,7 @@ def preset_rows(names: list[str] | None = None, resolution: int = 256) -> list[d
         rows.append(dict(
             model=name, family=fam.name, resolution=resolution, params=c.params,
             trainable_params=c.trainable_params, gmacs=round(c.gmacs, 3),
+            full_gmacs=round(c.full_gmacs, 3) if c.source_kernel_macs else None,
             winograd_gmacs=None if c.winograd_gmacs is None else round(c.winograd_gmacs, 3),
             paper_gmacs=paper_gmacs, paper_winograd_gmacs=paper.get(f"winograd_{resolution}"),
             paper_params_m=paper.get("params_m"),

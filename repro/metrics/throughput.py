@@ -286,8 +286,9 @@ def _timed_here(models: dict[str, nn.Module], settings: BenchSettings) -> dict:
         torch.set_num_threads(settings.cpu_threads)
     try:
         flags = apply_flags(settings)
-        rates, windows, shapes = _time(models, settings)
-        return dict(rates=rates, windows=windows, shapes=shapes, flags=flags, environment=environment(settings.device))
+        rates, windows, shapes, kernels = _time(models, settings)
+        return dict(rates=rates, windows=windows, shapes=shapes, kernels=kernels, flags=flags,
+                    environment=environment(settings.device))
     finally:
         torch.set_num_threads(threads)
 
@@ -310,11 +311,15 @@ def _repeats_in_fresh_processes(models: dict[str, nn.Module], settings: BenchSet
     first = parts[0]
     return dict(rates={n: [p["rates"][n][0] for p in parts] for n in models},
                 windows={n: [p["windows"][n][0] for p in parts] for n in models},
-                shapes=first["shapes"], flags=first["flags"], environment=first["environment"])
+                shapes=first["shapes"], kernels=first["kernels"], flags=first["flags"],
+                environment=first["environment"])
 
 
-def _time(models: dict[str, nn.Module], settings: BenchSettings) -> tuple[dict, dict, dict]:
+def _time(models: dict[str, nn.Module], settings: BenchSettings) -> tuple[dict, dict, dict, dict]:
+    from repro.models.layers import kernels_used
+
     dev, dtype, n = settings.device, DTYPES[settings.dtype], settings.batch
+    kernels: dict[str, list[str]] = {}
     fmt = torch.channels_last if settings.channels_last else torch.contiguous_format
     inputs = {}
     for name, model in models.items():
@@ -332,13 +337,27 @@ def _time(models: dict[str, nn.Module], settings: BenchSettings) -> tuple[dict, 
         for name, model in models.items():
             for _ in range(settings.warmup):
                 model(*inputs[name])
+            kernels[name] = kernels_used(model)  # what the warm-up ran is what the timed forwards run
         synchronize(dev)
         for _ in range(settings.repeats):
             if dev.startswith("cuda"):
                 _repeat_in_blocks(models, inputs, settings, rates, windows)
             else:
                 _repeat_forward_by_forward(models, inputs, settings, rates, windows)
-    return rates, windows, {name: list(inputs[name][0].shape[1:]) for name in models}
+    return rates, windows, {name: list(inputs[name][0].shape[1:]) for name in models}, kernels
+
+
+def kernel_note(rows: list[dict]) -> str | None:
+    """A warning when a model timed on a reference kernel stands beside one timed on a fused kernel: the
+    reference implementations are exact but slow, so the ratio measures the kernels, not the architectures."""
+    reference = [r["model"] for r in rows if "reference" in r.get("kernels", [])]
+    fused = [r["model"] for r in rows if set(r.get("kernels", [])) - {"reference"}]
+    if not reference:
+        return None
+    if fused or len(reference) < len(rows):
+        return (f"kernels differ: {', '.join(reference)} ran the exact PyTorch reference of their token mixer "
+                f"(slow), not their source's fused kernel; compare their speed with the other rows only as that")
+    return None
 
 
 def _result(settings: BenchSettings, timed: dict, load_before, load_after) -> dict:
@@ -347,7 +366,8 @@ def _result(settings: BenchSettings, timed: dict, load_before, load_after) -> di
     rows = []
     for name in rates:
         rows.append(dict(model=name, img_per_s=statistics.median(rates[name]), img_per_s_repeats=rates[name],
-                         input=timed["shapes"][name], **_row_reliability(rates[name], windows[name])))
+                         input=timed["shapes"][name], kernels=timed["kernels"][name],
+                         **_row_reliability(rates[name], windows[name])))
     for row in rows:
         row["ratio_to_first"], row["ratio_spread"] = repeat_ratio(row["img_per_s_repeats"],
                                                                   rows[0]["img_per_s_repeats"])
@@ -363,5 +383,5 @@ def _result(settings: BenchSettings, timed: dict, load_before, load_after) -> di
                               flags=timed["flags"], environment=timed["environment"],
                               reliability_rule=dict(max_others_cpu_share=MAX_OTHERS_CPU_SHARE,
                                                     max_spread=MAX_SPREAD)),
-                results=rows, reliable=not reasons, reasons=reasons,
+                results=rows, kernel_note=kernel_note(rows), reliable=not reasons, reasons=reasons,
                 load=dict(before=load_before, after=load_after))

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from repro.errors import did_you_mean
 
-from . import dic, dico, diffit, dit, dit_llama, pixart, uvit
+from . import dic, dico, diffit, dig, dim, dis, dit, dit_llama, pixart, uvit
 from .layers import Denoiser
 
 
@@ -35,6 +35,10 @@ FAMILIES = {
     "PixArt-α": Family("PixArt-α", pixart.PixArt, pixart.PRESETS, pixart.PUBLISHED),
     "DiffiT": Family("DiffiT", diffit.DiffiT, diffit.PRESETS, diffit.PUBLISHED),
     "DiT-LLaMA": Family("DiT-LLaMA", dit_llama.DiTLlama, dit_llama.PRESETS, dit_llama.PUBLISHED),
+    # DiCo Table 1's linear-attention and state-space rows (exact PyTorch mixers; fused kernels on CUDA if installed)
+    "DiG": Family("DiG", dig.DiG, dig.PRESETS, dig.PUBLISHED),
+    "DiS": Family("DiS", dis.DiS, dis.PRESETS, dis.PUBLISHED),
+    "DiM": Family("DiM", dim.DiM, dim.PRESETS, dim.PUBLISHED),
 }
 
 PRESETS: dict[str, dict] = {}

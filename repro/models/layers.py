@@ -8,13 +8,42 @@ one implementation.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from contextvars import ContextVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 FREQ_DIM = 256  # width of the timestep sinusoid in DiT, DiC and DiCo
+
+_SOURCE_KERNEL: ContextVar[str | None] = ContextVar("repro_source_kernel", default=None)
+
+
+@contextlib.contextmanager
+def source_kernel(name: str):
+    """Marks ops that the family's own code runs inside one fused kernel (a Triton or CUDA extension behind a
+    custom autograd Function: flash-linear-attention, mamba_ssm). torchprofile, with which the papers count,
+    records such a call as one opaque node of 0 MACs, so their printed GFLOPs leave these ops out;
+    `repro.metrics.flops.count` files them apart, and both conventions are reported. Nested regions belong to
+    the outermost one (one kernel call)."""
+    token = _SOURCE_KERNEL.set(_SOURCE_KERNEL.get() or name)
+    try:
+        yield
+    finally:
+        _SOURCE_KERNEL.reset(token)
+
+
+def in_source_kernel() -> str | None:
+    """The fused kernel of the source whose ops run now, or None."""
+    return _SOURCE_KERNEL.get()
+
+
+def kernels_used(model: nn.Module) -> list[str]:
+    """The token-mixer kernels the model's last forward ran ("reference" for the exact PyTorch implementations,
+    "fla", "mamba_ssm" for fused ones); empty for models whose mixers have a single implementation."""
+    return sorted({m.kernel for m in model.modules() if isinstance(getattr(m, "kernel", None), str)})
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = FREQ_DIM, max_period: float = 10000.0) -> torch.Tensor:
