@@ -18,7 +18,12 @@ OFFICIAL_TF32 = {
     "DiCo": dict(matmul=False, cudnn=True, source="shallowdream204/DiCo train_accelerate.py: the TF32 lines are "
                                                  "commented out, so PyTorch's defaults"),
     "U-ViT": dict(matmul=False, cudnn=True, source="(A) PyTorch's defaults; U-ViT's code is not transcribed"),
+    "DiG": dict(matmul=True, cudnn=True, source="hustvl/DiG train.py at 8c1e73a sets both (DiT's script)"),
 }
+# The comparison systems we only count and bench: (A) PyTorch's defaults, their training code not transcribed.
+for _family in ("PixArt-α", "DiffiT", "DiT-LLaMA", "DiS", "DiM", "DiffuSSM", "DiMSUM"):
+    OFFICIAL_TF32[_family] = dict(matmul=False, cudnn=True,
+                                  source=f"(A) PyTorch's defaults; {_family}'s training code is not transcribed")
 
 
 def departures(train, family: str) -> list[str]:

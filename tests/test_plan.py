@@ -172,7 +172,9 @@ STUDIES = sorted(str(p.relative_to(ROADMAP.parent)) for p in ROADMAP.parent.rglo
 @pytest.mark.parametrize("name", STUDIES)
 def test_every_study_file_plans(name):
     plan = expand(load_study(ROADMAP.parent / name))
-    assert plan.runs and all(r.rows or r.step in ("dit_s2", "dit_b2", "dic_h", "uvit_xl") for r in plan.runs)
+    # rows with no paper row in the study's paper file (DiC's 400K table rows sit in paper/dic.yaml)
+    unlinked = ("dit_s2", "dit_b2", "dic_h", "uvit_xl", "pixart_xl2", "diffit_xl2", "dit_llama_xl2")
+    assert plan.runs and all(r.rows or r.step in unlinked for r in plan.runs)
 
 
 def test_shared_baseline_across_paper_scale_studies():

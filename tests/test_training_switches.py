@@ -137,7 +137,7 @@ def test_metrics_and_sample_protocol_record_the_flags(tmp_path):
 def test_tf32_defaults_follow_each_familys_code():
     """DiT's and DiC's train.py set both flags; DiCo's code leaves PyTorch's defaults (cuDNN on, matmul off). A run
     trains as its model's released code does, so a DiT baseline is one run whichever paper's study names it."""
-    expected = {"DiT": (True, True), "DiC": (True, True), "DiCo": (False, True)}
+    expected = {"DiT": (True, True), "DiC": (True, True), "DiCo": (False, True), "DiG": (True, True)}
     for path in ("experiments/dic_roadmap.yaml", "experiments/tiny/dic_roadmap.yaml", "experiments/dico_ablation.yaml",
                  "experiments/tiny/dico_ablation.yaml", "experiments/dico_main.yaml", "experiments/dic_main.yaml"):
         for name, cfg in load_study(path).configs.items():
@@ -170,3 +170,12 @@ def test_a_precision_other_than_the_familys_code_is_a_protocol_difference():
                                                                                         "tf32_matmul": True}})).train
     assert departures(bf16, "DiCo") == ["trained with bf16 autocast; the DiCo code trains in fp32",
                                         "TF32 matmul on, cuDNN on; the DiCo code: matmul off, cuDNN on"]
+
+
+def test_every_family_states_its_tf32_source():
+    """Planning resolves a run's TF32 flags from its family's entry: a family without one could not be planned."""
+    from repro import models
+    from repro.precision import OFFICIAL_TF32
+
+    assert set(models.FAMILIES) <= set(OFFICIAL_TF32)
+    assert all(entry["source"] for entry in OFFICIAL_TF32.values())
