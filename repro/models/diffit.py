@@ -39,8 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import (Denoiser, LabelEmbedder, Mlp, TimestepEmbedder, check_input_size, sincos_pos_embed_2d,
-                     unpatchify, xavier_flat_, xavier_init_, zero_)
+from .layers import (Denoiser, LabelEmbedder, Mlp, TimestepEmbedder, check_input_size, dit_trunk_init_,
+                     frozen_pos_embed, unpatchify, zero_)
 
 
 def relative_position_index(grid: int) -> torch.Tensor:
@@ -138,18 +138,13 @@ class DiffiT(Denoiser):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # Frozen sin-cos table kept as a parameter, as the public code does (it counts in the parameter total).
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, hidden_size), requires_grad=False)
-        with torch.no_grad():
-            self.pos_embed.copy_(sincos_pos_embed_2d(hidden_size, grid)[None])
+        self.pos_embed = frozen_pos_embed(hidden_size, grid)
         self.blocks = nn.ModuleList([DiffiTBlock(hidden_size, num_heads, mlp_ratio, grid) for _ in range(depth)])
         self.final_layer = DiffiTFinalLayer(hidden_size, patch_size * patch_size * self.out_channels)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        xavier_init_(self)
-        xavier_flat_(self.x_embedder)
-        self.y_embedder.init_weights()
-        self.t_embedder.init_weights()
+        dit_trunk_init_(self)
         for block in self.blocks:
             # The public code draws the table once at construction (timm trunc_normal_, std 0.02); its Linear-only
             # init pass leaves it as drawn.

@@ -68,8 +68,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import (Denoiser, LabelEmbedder, TimestepEmbedder, TokenFinalLayer, check_choice, check_input_size,
-                     gated, modulate, sincos_pos_embed_2d, source_kernel, unpatchify, xavier_flat_, xavier_init_,
-                     zero_)
+                     dit_trunk_init_, frozen_pos_embed, gated, modulate, source_kernel, unpatchify, zero_)
 
 GATE_LOW_RANK = 16          # fla GatedLinearAttention's gate_low_rank_dim default, which DiG keeps
 GATE_LOGIT_NORMALIZER = 16  # fla's gate_logit_normalizer default: log alpha = logsigmoid(x) / 16
@@ -369,10 +368,7 @@ class DiG(Denoiser):
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        # Fixed sin-cos table stored as a frozen parameter, as DiT and DiG do.
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid ** 2, hidden_size), requires_grad=False)
-        with torch.no_grad():
-            self.pos_embed.copy_(sincos_pos_embed_2d(hidden_size, self.grid)[None])
+        self.pos_embed = frozen_pos_embed(hidden_size, self.grid)  # as DiT and DiG keep it
         self.blocks = nn.ModuleList([
             DiGBlock(hidden_size, num_heads, expand_k, expand_v, mlp_ratio, self.grid, dw_conv, conv_kernel_size,
                      gla_kernel, chunk_size) for _ in range(depth)])
@@ -380,10 +376,7 @@ class DiG(Denoiser):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        xavier_init_(self)
-        xavier_flat_(self.x_embedder)
-        self.y_embedder.init_weights()
-        self.t_embedder.init_weights()
+        dit_trunk_init_(self)
         for block in self.blocks:
             block.attn.init_weights()
             if block.dw_conv is not None:

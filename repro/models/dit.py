@@ -11,8 +11,7 @@ import torch
 import torch.nn as nn
 
 from .layers import (Attention, Denoiser, LabelEmbedder, Mlp, TimestepEmbedder, TokenFinalLayer, check_input_size,
-                     gated, modulate, run_with_long_skips, sincos_pos_embed_2d, unpatchify, xavier_flat_,
-                     xavier_init_, zero_)
+                     dit_trunk_init_, frozen_pos_embed, gated, modulate, run_with_long_skips, unpatchify, zero_)
 
 
 class DiTBlock(nn.Module):
@@ -58,20 +57,14 @@ class DiT(Denoiser):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         grid = input_size // patch_size
-        # Fixed sin-cos table stored as a frozen parameter, as DiT does (it is counted in DiT's 675M).
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, hidden_size), requires_grad=False)
-        with torch.no_grad():
-            self.pos_embed.copy_(sincos_pos_embed_2d(hidden_size, grid)[None])
+        self.pos_embed = frozen_pos_embed(hidden_size, grid)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.skip_linears = nn.ModuleList([nn.Linear(2 * hidden_size, hidden_size) for _ in range(long_skips)])
         self.final_layer = TokenFinalLayer(hidden_size, hidden_size, patch_size * patch_size * self.out_channels)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        xavier_init_(self)
-        xavier_flat_(self.x_embedder)
-        self.y_embedder.init_weights()
-        self.t_embedder.init_weights()
+        dit_trunk_init_(self)
         for block in self.blocks:  # adaLN-Zero: every block starts as the identity
             zero_(block.adaLN_modulation[-1])
         zero_(self.final_layer.adaLN_modulation[-1])

@@ -36,8 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import (Denoiser, LabelEmbedder, TimestepEmbedder, TokenFinalLayer, check_input_size, gated, modulate,
-                     unpatchify, xavier_flat_, xavier_init_, zero_)
+from .layers import (Denoiser, LabelEmbedder, TimestepEmbedder, TokenFinalLayer, check_input_size, dit_trunk_init_,
+                     gated, modulate, unpatchify, zero_)
 
 COND_WIDTH_CAP = 1024  # the source's embedders and adaLN inputs are min(D, 1024) wide
 
@@ -153,10 +153,7 @@ class DiTLlama(Denoiser):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        xavier_init_(self)
-        xavier_flat_(self.x_embedder)
-        self.t_embedder.init_weights()
-        self.y_embedder.init_weights()
+        dit_trunk_init_(self)
         for layer in self.layers:  # adaLN-Zero: every block starts as the identity
             zero_(layer.adaLN_modulation[-1])
         zero_(self.final_layer.adaLN_modulation[-1])

@@ -154,6 +154,23 @@ def xavier_flat_(conv: nn.Conv2d) -> None:
         nn.init.zeros_(conv.bias)
 
 
+def dit_trunk_init_(model: nn.Module) -> None:
+    """DiT's initialisation of a transformer trunk, which DiG, DiffiT and DiT-LLaMA copy: xavier Linears, the patch
+    conv xavier as a Linear, then the label table and the timestep MLP (in DiT's order: the draws follow it)."""
+    xavier_init_(model)
+    xavier_flat_(model.x_embedder)
+    model.y_embedder.init_weights()
+    model.t_embedder.init_weights()
+
+
+def frozen_pos_embed(dim: int, grid: int) -> nn.Parameter:
+    """DiT's fixed sin-cos table as a frozen parameter (so it counts in the parameter total, as in DiT's 675M)."""
+    table = nn.Parameter(torch.zeros(1, grid * grid, dim), requires_grad=False)
+    with torch.no_grad():
+        table.copy_(sincos_pos_embed_2d(dim, grid)[None])
+    return table
+
+
 def zero_(module: nn.Module) -> None:
     for p in module.parameters():
         nn.init.zeros_(p)
