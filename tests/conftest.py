@@ -18,7 +18,7 @@ def tiny_overrides(name: str) -> dict:
         return dict(embed_dim=32, depth=2, num_heads=2)
     if fam in ("PixArt-α", "DiffiT", "DiT-LLaMA", "DiG"):
         return dict(hidden_size=32, depth=2, num_heads=2)
-    if fam in ("DiS", "DiffuSSM"):
+    if fam in ("DiS", "DiffuSSM", "DiMSUM"):
         return dict(hidden_size=32, depth=2)
     if fam == "DiM":
         return dict(hidden_size=32, depth=3)  # odd: DiM's long skips pair the blocks around a middle one

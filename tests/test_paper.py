@@ -120,7 +120,8 @@ def test_table_and_row_structure(dic, dico):
     assert [r.model for r in list(dic.tables["roadmap"].rows.values())[:8]] == [
         f"DiC-XL-step{i}" for i in range(1, 9)]
     assert len(dic.tables["t_a"].rows) == 7 and dic.tables["t_a"].rows["pixart_alpha_xl2"].model == "PixArt-α-XL/2"
-    assert dico.tables["t1"].rows["dimsum_l2"].model is None  # not built yet
+    assert dico.tables["t1"].rows["dimsum_l2"].model == "DiMSUM-L/2"
+    assert dico.tables["t1"].rows["adm_u"].model is None  # quoted, not built
     assert len(dico.tables["t1"].rows) == 27 and len(dico.tables["t5"].rows) == 11
     assert len(dico.tables["t8"].rows) == 20
     t4 = dico.tables["t4"].rows

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from repro.errors import did_you_mean
 
-from . import dic, dico, diffit, diffussm, dig, dim, dis, dit, dit_llama, pixart, uvit
+from . import dic, dico, diffit, diffussm, dig, dim, dimsum, dis, dit, dit_llama, pixart, uvit
 from .layers import Denoiser
 
 
@@ -40,6 +40,7 @@ FAMILIES = {
     "DiS": Family("DiS", dis.DiS, dis.PRESETS, dis.PUBLISHED),
     "DiM": Family("DiM", dim.DiM, dim.PRESETS, dim.PUBLISHED),
     "DiffuSSM": Family("DiffuSSM", diffussm.DiffuSSM, diffussm.PRESETS, diffussm.PUBLISHED),
+    "DiMSUM": Family("DiMSUM", dimsum.DiMSUM, dimsum.PRESETS, dimsum.PUBLISHED),
 }
 
 PRESETS: dict[str, dict] = {}

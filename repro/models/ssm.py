@@ -59,7 +59,7 @@ CHUNK = 64
 
 
 @functools.cache
-def _cuda_kernels():
+def cuda_kernels():
     """(selective_scan_fn, causal_conv1d_fn or None), or None where mamba_ssm cannot run its scan."""
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
@@ -189,7 +189,7 @@ class MambaMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, L, D) -> (N, L, D)."""
-        kernels = _cuda_kernels() if (x.is_cuda and self.use_kernels) else None
+        kernels = cuda_kernels() if (x.is_cuda and self.use_kernels) else None
         self.kernel = "reference" if kernels is None else "mamba_ssm"
         xz = self.in_proj(x).transpose(1, 2)                                   # (N, 2E, L)
         if not self.bidirectional:
