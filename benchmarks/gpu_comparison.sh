@@ -30,7 +30,7 @@ PY
 } 2>&1 | tee "$out/gpu-comparison-kernels-$(hostname -s).txt"
 # shellcheck disable=SC2086  # TIMING is a list of options
 benchmarks/throughput_comparison.sh "$device" "$batch" -- ${TIMING:---warmup 3 --iters 10 --repeats 3}
-[[ $out != benchmarks/results ]] && mv benchmarks/results/throughput-comparison-"$device"-* "$out/"
+[[ $out != benchmarks/results ]] && mv benchmarks/results/throughput-comparison-"$device"-256-b"$batch"-fp32-"$(hostname -s)".* "$out/"
 stem="$out/throughput-ssm-$device-256-b$batch-fp32-$(hostname -s)"
 # shellcheck disable=SC2086
 "$repro" bench --models "DiCo-XL,DiM-H,DiS-H/2,DiG-XL/2" --resolution 256 --batch "$batch" --device "$device" \
