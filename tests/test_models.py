@@ -31,7 +31,7 @@ def test_tiny_preset_forward_backward(name):
     _forward_backward(tiny(name))
 
 
-@pytest.mark.parametrize("family_preset", ["DiT-S/2", "DiC-S", "DiCo-S", "U-ViT-H/2", "DiCo-S-iso"])
+@pytest.mark.parametrize("family_preset", ["DiT-S/2", "DiC-S", "DiCo-S", "U-ViT-H/2", "DiCo-S-iso", "DiG-S/2"])
 def test_pixel_space_one_channel_and_64_latents(family_preset):
     # Fashion-MNIST runs: 1 channel at 32x32 in pixel space; 512 px: 64x64 latents.
     _forward_backward(tiny(family_preset, in_channels=1, input_size=32), in_channels=1, size=32)
@@ -221,7 +221,10 @@ def test_dico_blocks_start_as_identity():
 
 
 # ---------------------------------------------------------------------------------------------- CFG
-CFG_MODELS = ["DiT-S/2", "DiC-S", "DiCo-S", "U-ViT-H/2"]
+CFG_MODELS = ["DiT-S/2", "DiC-S", "DiCo-S", "U-ViT-H/2",
+              # the comparison systems, one preset per family
+              "PixArt-α-XL/2", "DiffiT-XL/2", "DiT-LLaMA-XL/2", "DiG-S/2", "DiS-S/2", "DiM-H", "DiffuSSM-XL",
+              "DiMSUM-L/2"]
 
 
 def _cfg_case(name, in_channels=4):

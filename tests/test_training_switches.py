@@ -179,3 +179,22 @@ def test_every_family_states_its_tf32_source():
 
     assert set(models.FAMILIES) <= set(OFFICIAL_TF32)
     assert all(entry["source"] for entry in OFFICIAL_TF32.values())
+
+
+@needs_fashion
+@pytest.mark.parametrize("model", [{"name": "DiG-S/2", "overrides": {"hidden_size": 32, "depth": 2, "num_heads": 2}},
+                                   {"name": "DiS-S/2", "overrides": {"hidden_size": 32, "depth": 2}}],
+                         ids=["DiG", "DiS"])
+def test_reference_mixers_train_and_resume_bit_exact(tmp_path, model):
+    """The comparison systems' exact PyTorch mixers (chunked gated linear attention, selective scan) through the
+    trainer: stopped at step 2 and resumed, a run ends on the bits of the straight run."""
+    from repro.train import Interrupted
+
+    straight, a = _run(tmp_path, "straight", model=model, steps=4)
+    asked = iter(range(1, 100))
+    with pytest.raises(Interrupted):
+        _run(tmp_path, "resumed", model=model, steps=4, stop=lambda: next(asked) == 2)
+    resumed, b = _run(tmp_path, "resumed", model=model, steps=4)
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in straight] and len(resumed) == 4
+    assert all(torch.equal(a["model"][n], b["model"][n]) for n in a["model"])
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in straight)
