@@ -39,6 +39,17 @@ def test_models_at_512(capsys):
 def test_models_table(capsys):
     code, out, _ = _run(capsys, "models", "DiC-S", "DiT-S/2")
     assert code == 0 and "DiC-S" in out and "5.874" in out and "6.060" in out
+    assert "full GMACs" in out and "fused kernels" not in out  # the note comes only with a model that has some
+
+
+def test_models_both_counting_conventions_for_fused_kernel_families(capsys):
+    """DiG's printed GFLOPs leave out what its code runs in flash-linear-attention kernels; both are shown."""
+    code, out, _ = _run(capsys, "models", "DiG-XL/2", "DiT-XL/2", "--json")
+    rows = {r["model"]: r for r in json.loads(out)}
+    assert code == 0 and rows["DiG-XL/2"]["gmacs"] == 89.332 and rows["DiG-XL/2"]["paper_gmacs"] == 89.4
+    assert rows["DiG-XL/2"]["full_gmacs"] == 116.352 and rows["DiT-XL/2"]["full_gmacs"] is None
+    code, out, _ = _run(capsys, "models", "DiG-S/2")
+    assert "5.732" in out and "fused kernels" in out
 
 
 @pytest.mark.parametrize("argv,needle", [
