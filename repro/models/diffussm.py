@@ -58,8 +58,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import (Denoiser, LabelEmbedder, TimestepEmbedder, TokenFinalLayer, check_input_size, gated, modulate,
-                     xavier_init_, zero_)
+from .layers import (Denoiser, LabelEmbedder, TimestepEmbedder, TokenFinalLayer, adaln_zero_, check_input_size,
+                     dit_trunk_init_, gated, modulate)
 
 
 class S4D(nn.Module):
@@ -172,15 +172,8 @@ class DiffuSSM(Denoiser):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        xavier_init_(self)
-        w = self.x_embedder.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        self.y_embedder.init_weights()
-        self.t_embedder.init_weights()
-        for block in self.blocks:
-            zero_(block.adaLN_modulation[-1])
-        zero_(self.final_layer.adaLN_modulation[-1])
-        zero_(self.final_layer.linear)
+        dit_trunk_init_(self)
+        adaln_zero_(self.blocks, self.final_layer)
 
     def sequence_lengths(self) -> tuple[int, int]:
         """(L, J): the SSM's sequence length and the dense layers' (the residual stream's)."""

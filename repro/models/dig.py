@@ -67,8 +67,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import (Denoiser, LabelEmbedder, TimestepEmbedder, TokenFinalLayer, check_choice, check_input_size,
-                     dit_trunk_init_, frozen_pos_embed, gated, modulate, source_kernel, unpatchify, zero_)
+from .layers import (Denoiser, LabelEmbedder, TimestepEmbedder, TokenFinalLayer, adaln_zero_, check_choice,
+                     check_input_size, dit_trunk_init_, frozen_pos_embed, gated, modulate, source_kernel, unpatchify)
 
 GATE_LOW_RANK = 16          # fla GatedLinearAttention's gate_low_rank_dim default, which DiG keeps
 GATE_LOGIT_NORMALIZER = 16  # fla's gate_logit_normalizer default: log alpha = logsigmoid(x) / 16
@@ -387,9 +387,7 @@ class DiG(Denoiser):
                 with torch.no_grad():
                     block.dw_conv.weight.copy_(delta.view(1, 1, k, k).expand_as(block.dw_conv.weight))
                 nn.init.zeros_(block.dw_conv.bias)
-            zero_(block.adaLN_modulation[-1])  # adaLN-Zero: every block starts as the identity
-        zero_(self.final_layer.adaLN_modulation[-1])
-        zero_(self.final_layer.linear)
+        adaln_zero_(self.blocks, self.final_layer)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed   # (N, T, D)

@@ -76,8 +76,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import (Denoiser, LabelEmbedder, TimestepEmbedder, TokenFinalLayer, check_input_size, gated, modulate,
-                     sincos_pos_embed_2d, source_kernel, unpatchify, xavier_flat_, zero_)
+from .layers import (Denoiser, LabelEmbedder, TimestepEmbedder, TokenFinalLayer, adaln_zero_, check_input_size, gated,
+                     modulate, sincos_pos_embed_2d, source_kernel, unpatchify, xavier_flat_)
 from .ssm import MambaMixer, cuda_kernels, causal_conv1d, mamba_init_, selective_scan
 
 WAVELET_LEVELS = 2   # the source's num_wavelet_lv; its layout code supports exactly two levels
@@ -340,10 +340,7 @@ class DiMSUM(Denoiser):
         xavier_flat_(self.x_embedder)
         self.y_embedder.init_weights()
         self.t_embedder.init_weights()
-        for block in self.blocks:
-            zero_(block.adaLN_modulation[-1])
-        zero_(self.final_layer.adaLN_modulation[-1])
-        zero_(self.final_layer.linear)
+        adaln_zero_(self.blocks, self.final_layer)
         mamba_init_(self, n_layer=self.depth)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

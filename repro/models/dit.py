@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .layers import (Attention, Denoiser, LabelEmbedder, Mlp, TimestepEmbedder, TokenFinalLayer, check_input_size,
-                     dit_trunk_init_, frozen_pos_embed, gated, modulate, run_with_long_skips, unpatchify, zero_)
+from .layers import (Attention, Denoiser, LabelEmbedder, Mlp, TimestepEmbedder, TokenFinalLayer, adaln_zero_,
+                     check_input_size, dit_trunk_init_, frozen_pos_embed, gated, modulate, run_with_long_skips,
+                     unpatchify)
 
 
 class DiTBlock(nn.Module):
@@ -65,10 +66,7 @@ class DiT(Denoiser):
 
     def initialize_weights(self) -> None:
         dit_trunk_init_(self)
-        for block in self.blocks:  # adaLN-Zero: every block starts as the identity
-            zero_(block.adaLN_modulation[-1])
-        zero_(self.final_layer.adaLN_modulation[-1])
-        zero_(self.final_layer.linear)
+        adaln_zero_(self.blocks, self.final_layer)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed   # (N, T, D)

@@ -36,8 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import (Denoiser, LabelEmbedder, TimestepEmbedder, TokenFinalLayer, check_input_size, dit_trunk_init_,
-                     gated, modulate, unpatchify, zero_)
+from .layers import (Denoiser, LabelEmbedder, TimestepEmbedder, TokenFinalLayer, adaln_zero_, check_input_size,
+                     dit_trunk_init_, gated, modulate, unpatchify)
 
 COND_WIDTH_CAP = 1024  # the source's embedders and adaLN inputs are min(D, 1024) wide
 
@@ -154,10 +154,7 @@ class DiTLlama(Denoiser):
 
     def initialize_weights(self) -> None:
         dit_trunk_init_(self)
-        for layer in self.layers:  # adaLN-Zero: every block starts as the identity
-            zero_(layer.adaLN_modulation[-1])
-        zero_(self.final_layer.adaLN_modulation[-1])
-        zero_(self.final_layer.linear)
+        adaln_zero_(self.layers, self.final_layer)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x = self.x_embedder(x).flatten(2).transpose(1, 2)                    # (N, T, D), raster order

@@ -163,6 +163,15 @@ def dit_trunk_init_(model: nn.Module) -> None:
     model.t_embedder.init_weights()
 
 
+def adaln_zero_(blocks, final_layer: nn.Module) -> None:
+    """adaLN-Zero (DiT): every block's modulation Linear and the final layer's, and the output Linear, start at zero,
+    so every block starts as the identity and the model's output is zero."""
+    for block in blocks:
+        zero_(block.adaLN_modulation[-1])
+    zero_(final_layer.adaLN_modulation[-1])
+    zero_(final_layer.linear)
+
+
 def frozen_pos_embed(dim: int, grid: int) -> nn.Parameter:
     """DiT's fixed sin-cos table as a frozen parameter (so it counts in the parameter total, as in DiT's 675M)."""
     table = nn.Parameter(torch.zeros(1, grid * grid, dim), requires_grad=False)
