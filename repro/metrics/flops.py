@@ -13,7 +13,7 @@ Fused kernels of the comparison systems (DiG's flash-linear-attention, DiS's and
 TorchScript trace records a custom autograd Function as one opaque node and counts it as 0 MACs, so the GFLOPs those
 papers print leave out whatever runs inside one. Models mark those ops (`repro.models.layers.source_kernel`); the
 counter files them apart: `Counts.macs` is the papers' convention (what torchprofile sees of the source), and
-`Counts.full_macs` adds every op of our PyTorch forward, the exact reference kernels included.
+`Counts.full_gmacs` adds every op of our PyTorch forward, the exact reference kernels included.
 
 Winograd GMACs (DiC only, `specs/dic.md` section 1): the MACs of the two 3x3 convs inside every basic block
 divided by 2.25 (= 36/16, F(2x2, 3x3)) plus everything else at full count. The DiC authors confirm it is a
