@@ -16,6 +16,20 @@ from repro.rundir import atomic_write_text
 from repro.yamlio import Where
 
 
+def data_geometry(cfg: RunConfig) -> dict:
+    """in_channels and input_size that the run's data implies (what `train.model_spec` will set), where the config
+    alone tells them; an override the config sets itself stays (the trainer refuses a contradiction)."""
+    d = cfg.data
+    if d.kind == "fashion_mnist":
+        channels, size = 1, d.resolution
+    elif d.kind == "latents" or d.vae:          # sd-vae-ft-ema: 4 channels, 8x smaller
+        channels, size = 4, d.resolution // 8
+    else:
+        channels, size = 3, d.resolution
+    implied = {"in_channels": channels, "input_size": size}
+    return {k: v for k, v in implied.items() if k not in cfg.model.overrides}
+
+
 class ModelChecks:
     """Outcomes of building (preset, switches) on the meta device: the error, or, when it builds, the resolved
     model (`model_identity`) and the switches that differ from the preset (the paper's model).
@@ -51,7 +65,7 @@ class ModelChecks:
     def _fingerprint() -> str:
         from importlib import metadata
 
-        h = hashlib.sha256(b"model-checks v3")
+        h = hashlib.sha256(b"model-checks v4")
         for f in sorted((Path(__file__).parent / "models").glob("*.py")):
             h.update(f.name.encode() + b"\0" + f.read_bytes())
         try:
@@ -63,12 +77,15 @@ class ModelChecks:
     def check(self, cfg: RunConfig, where: Where, dotted: str) -> dict:
         """{"model": resolved model, "switches": differing switches}; ConfigError naming `dotted` if it does not
         build."""
-        key = json.dumps([cfg.model.name, to_dict(cfg)["model"]["overrides"]], sort_keys=True)
+        geometry = data_geometry(cfg)
+        key = json.dumps([cfg.model.name, to_dict(cfg)["model"]["overrides"], geometry], sort_keys=True)
         if key not in self.known:
             from repro import models
 
             try:
-                models.build_meta(cfg.model.name, **cfg.model.overrides)
+                # at the data's geometry, as the trainer builds it: a switch that holds at the preset's 32x32
+                # latents may not at the run's input (a window that does not divide a stage's map)
+                models.build_meta(cfg.model.name, **{**cfg.model.overrides, **geometry})
                 self.known[key] = {"error": None, "model": model_identity(cfg),
                                    "switches": _differing(models.PRESETS[cfg.model.name], cfg)}
             except (ValueError, TypeError) as e:

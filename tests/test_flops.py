@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from conftest import tiny
 
 from repro.metrics.flops import WINOGRAD_FACTOR, count
+from repro.models.layers import TORCHPROFILE_SDPA, Attention
 
 
 class Toy(nn.Module):
@@ -71,9 +72,44 @@ def test_count_restores_training_mode():
     assert model.training
 
 
-@pytest.mark.parametrize("name", ["DiT-S/2", "U-ViT-H/2", "DiCo-S-attn"])
+@pytest.mark.parametrize("name", ["DiT-S/2", "U-ViT-H/2"])
 def test_attention_is_counted(name):
     # Attention matmuls scale with the square of the token count; convs and linears scale linearly.
     small = count(tiny(name, input_size=16), device="cpu").macs
     large = count(tiny(name, input_size=32), device="cpu").macs
     assert large > 4 * small
+
+
+class TokenAttention(nn.Module):
+    """One attention layer over the 64 pixels of an 8x8 map, its SDPA seen or not by the papers' counter."""
+
+    in_channels = 16
+
+    def __init__(self, sdpa_unseen):
+        super().__init__()
+        self.attn = Attention(16, 2, sdpa_unseen=sdpa_unseen)
+
+    def forward(self, x, t, y):
+        return self.attn(x.flatten(2).transpose(1, 2))
+
+
+def test_sdpa_counts_as_torchprofile_0_0_4_saw_the_source():
+    t, c = 64, 16
+    linears = t * c * 3 * c + t * c * c                      # qkv and proj
+    attention = 2 * (2 * t * t * (c // 2))                   # 2 heads x (QK^T + AV)
+    seen = count(TokenAttention(None), 8, device="cpu")      # DiT's source wrote both matmuls out
+    unseen = count(TokenAttention(TORCHPROFILE_SDPA), 8, device="cpu")   # timm >= 0.9 called SDPA
+    assert (seen.macs, seen.source_kernel_macs) == (linears + attention, 0)
+    assert (unseen.macs, unseen.source_kernel_macs) == (linears, attention)
+    assert unseen.full_gmacs == seen.gmacs
+
+
+def test_dico_self_attention_row_leaves_its_attention_matmuls_out_of_the_papers_count():
+    model = tiny("DiCo-S-attn", input_size=16).eval()
+    # every block attends over its stage's pixels: 2 x T^2 x C per block (QK^T and AV over all heads)
+    stages = [(model.enc1, 16), (model.enc2, 8), (model.mid, 4), (model.dec2, 8), (model.dec1, 16)]
+    by_hand = sum(len(blocks) * 2 * (side * side) ** 2 * blocks[0].ffn[-1].out_channels for blocks, side in stages)
+    c = count(model, device="cpu")
+    assert c.source_kernel_macs == by_hand
+    grows = count(tiny("DiCo-S-attn", input_size=32), device="cpu")
+    assert grows.macs < 4.5 * c.macs < grows.macs + grows.source_kernel_macs

@@ -45,7 +45,10 @@ SWITCH_VALUES = {
                dict(act="silu"), dict(block_zero_init=True)],
     "DiCo-S": [dict(arch="isotropic", depths=(3,), width=32), dict(arch="isotropic_skip", depths=(10,), width=32),
                dict(channel_attention="none"), dict(channel_attention="se"), dict(dw_kernel=5), dict(dw_kernel=7),
-               dict(act="relu"), dict(mixer="attention"), dict(mlp_ratio=4)],
+               dict(act="relu"), dict(mixer="attention"), dict(mlp_ratio=4), dict(channel_attention="channel_sa"),
+               dict(mixer="window_attention"), dict(mixer="window_attention", window_size=4),
+               dict(mixer="focused_linear"), dict(mixer="agent"), dict(mixer="agent", agent_num=4),
+               dict(arch="isotropic", depths=(2,), width=32, mixer="window_attention", window_size=4)],
     "DiT-S/2": [dict(long_skips=1), dict(long_skips=2), dict(patch_size=4), dict(patch_size=8)],
 }
 
@@ -199,7 +202,8 @@ def test_dico_isotropic_skips():
 
 # --------------------------------------------------------------------------------------------- init
 @pytest.mark.parametrize("name", ["DiT-XL/2", "DiT-S/2-skip", "DiC-XL", "DiC-XL-step1", "DiC-XL-step2", "DiCo-XL",
-                                  "DiCo-S-iso", "DiCo-S-attn"])
+                                  "DiCo-S-iso", "DiCo-S-attn", "DiCo-S-channelSA", "DiCo-S-window",
+                                  "DiCo-S-focused", "DiCo-S-agent"])
 def test_output_exactly_zero_at_init(name):
     model = tiny(name).eval()
     out = model(torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.tensor([3, 7]))
@@ -224,7 +228,9 @@ def test_dico_blocks_start_as_identity():
 CFG_MODELS = ["DiT-S/2", "DiC-S", "DiCo-S", "U-ViT-H/2",
               # the comparison systems, one preset per family
               "PixArt-α-XL/2", "DiffiT-XL/2", "DiT-LLaMA-XL/2", "DiG-S/2", "DiS-S/2", "DiM-H", "DiffuSSM-XL",
-              "DiMSUM-L/2"]
+              "DiMSUM-L/2",
+              # DiCo Table 5's attention mixers
+              "DiCo-S-channelSA", "DiCo-S-attn", "DiCo-S-window", "DiCo-S-focused", "DiCo-S-agent"]
 
 
 def _cfg_case(name, in_channels=4):

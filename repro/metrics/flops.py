@@ -1,11 +1,17 @@
 """Parameter and MAC counts the papers' way.
 
 DiT, DiC and DiCo all print "GFLOPs" that are GMACs from `torchprofile.profile_macs` at batch 1 with t and y
-(`specs/protocol.md` section 8). We reproduce torchprofile's rules without its TorchScript trace, by watching
-the torch functions a forward pass calls (so full-size models can be counted on the meta device):
+(`specs/protocol.md` section 8), release 0.0.4: the only release from 2021-06-22 until 0.1.0 on 2026-03-10, after
+every paper we reproduce. We reproduce its rules without its TorchScript trace, by watching the torch functions a
+forward pass calls (so full-size models can be counted on the meta device):
 
-- conv: output elements x (in_channels / groups) x kernel area; linear and matmul: the product of the dims;
-- scaled_dot_product_attention: the two matmuls, QK^T and AV (softmax free);
+- conv: output elements x (in_channels / groups) x kernel area; linear, matmul, mm, bmm, addmm: the product of
+  the dims;
+- scaled_dot_product_attention: the two matmuls, QK^T and AV (softmax free), where the source wrote them out as
+  matmuls (DiT's timm 0.4-0.6 `Attention`). Where the source itself called F.scaled_dot_product_attention (timm's
+  `Attention` since 0.9, which DiCo's code imports), torchprofile 0.0.4 counted 0: it has no handler for
+  aten::scaled_dot_product_attention (0.1.0 added one that counts both matmuls). Models mark such calls
+  (`layers.TORCHPROFILE_SDPA`), and the counter files them with the fused kernels below;
 - elementwise mul: output elements; layer/group norm: output elements when affine, else 0; mean/avg-pool:
   output elements; additions, activations, softmax, embeddings: free.
 
@@ -32,10 +38,11 @@ from torch.overrides import TorchFunctionMode
 from repro.models.layers import in_source_kernel
 
 WINOGRAD_FACTOR = 2.25
-COUNTING_TOOL = "repro.metrics.flops (torchprofile 0.1 rules: conv, linear, matmul, SDPA, mul, affine norms)"
+COUNTING_TOOL = ("repro.metrics.flops (torchprofile 0.0.4 rules: conv, linear, matmul, mul, affine norms, means; "
+                 "SDPA as the source ran it)")
 
 _MATMUL = {"matmul", "__matmul__", "__rmatmul__", "mm", "bmm"}
-_ADD_MATMUL = {"addmm", "baddbmm"}
+_ADD_MATMUL = {"addmm"}  # torchprofile 0.0.4 has no rule for baddbmm (0.1.0 added one); none of our models calls it
 _MUL = {"mul", "mul_", "__mul__", "__rmul__", "__imul__"}
 _MEAN = {"mean", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "avg_pool1d", "avg_pool2d"}
 _NORM_WEIGHT_ARG = {"layer_norm": 2, "group_norm": 2}
@@ -166,7 +173,7 @@ def preset_rows(names: list[str] | None = None, resolution: int = 256) -> list[d
         rows.append(dict(
             model=name, family=fam.name, resolution=resolution, params=c.params,
             trainable_params=c.trainable_params, gmacs=round(c.gmacs, 3),
-            full_gmacs=round(c.full_gmacs, 3) if c.source_kernel_macs else None,
+            full_gmacs=round(c.full_gmacs, 3),
             winograd_gmacs=None if c.winograd_gmacs is None else round(c.winograd_gmacs, 3),
             paper_gmacs=paper_gmacs, paper_winograd_gmacs=paper.get(f"winograd_{resolution}"),
             paper_params_m=paper.get("params_m"),
