@@ -222,14 +222,18 @@ def cmd_plan(args) -> int:
     s = plan.study.study
     paper = f" — {s.paper.file} table {s.paper.table}" if s.paper else ""
     table = Table(title=f"{s.study}: {len(data['runs'])} runs{paper}")
-    for col in ("step", "label", "model", "switches vs preset", "run id", "stages", "status", "GPU-h"):
-        table.add_column(col, justify="right" if col == "GPU-h" else "left")
+    linked = any(r["rows"] for r in data["runs"])
+    cols = ("step", "label") + (("paper row",) if linked else ()) + ("model", "switches vs preset", "run id",
+                                                                     "stages", "status", "GPU-h")
+    for col in cols:
+        table.add_column(col, justify="right" if col == "GPU-h" else "left", overflow="fold")
     for r in data["runs"]:
         sw = ", ".join(f"{k}={v}" for k, v in r["switches"].items()) or "–"
         stages = " ".join(st["name"].split(":")[0] for st in r["stages"])
         hours = "–" if r["gpu_hours"] is None else f"{r['gpu_hours']:,.0f}"
-        table.add_row(r["step"] + (f" s{r['seed']}" if len(s.grid.seeds) > 1 else ""), r["label"], r["model"], sw,
-                      r["id"], stages, r["status"], hours)
+        row = (", ".join(r["rows"]) or "–",) if linked else ()
+        table.add_row(r["step"] + (f" s{r['seed']}" if len(s.grid.seeds) > 1 else ""), r["label"], *row, r["model"],
+                      sw, r["id"], stages, r["status"], hours)
     console = _console()
     console.print(table)
     _print_cost(plan, root, data, console)

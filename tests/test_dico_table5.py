@@ -8,7 +8,7 @@ from repro import models
 from repro.metrics.flops import count
 from repro.models.attention_mixers import (AgentAttention, ChannelSelfAttention, FocusedLinearAttention,
                                            WindowAttention)
-from repro.models.dico import DiCoBlock, readjusted_depths
+from repro.models.dico import DiCoBlock, depth_layouts, readjusted_depths
 
 # Table 5's ‡ rows: preset, the switch it flips on DiCo-S, printed params (M) and GFLOPs
 DAGGER_ROWS = [
@@ -38,24 +38,9 @@ def test_the_self_attention_row_is_out_of_reach_when_its_attention_matmuls_count
     # the nearest, which is 3.8% short.
     full = count(models.build_meta("DiCo-S-attn"))
     assert full.full_gmacs > 1.6 * full.gmacs
-    nearest_full = _nearest_full_layout(33.0, 4.23)
-    assert nearest_full == pytest.approx(4.07, abs=0.01)
-
-
-def _nearest_full_layout(params_m, gmacs):
-    import itertools
-    probes = [(1,) * 5] + [tuple(2 if j == i else 1 for j in range(5)) for i in range(5)]
-    costs = []
-    for d in probes:
-        c = count(models.build_meta("DiCo-S", mixer="attention", depths=d))
-        costs.append((c.trainable_params, c.macs + c.source_kernel_macs))
-    best = None
-    for d in itertools.product(range(1, 13), repeat=5):
-        p = costs[0][0] + sum((k - 1) * (costs[i + 1][0] - costs[0][0]) for i, k in enumerate(d))
-        if abs(p / 1e6 - params_m) <= 0.3:
-            g = (costs[0][1] + sum((k - 1) * (costs[i + 1][1] - costs[0][1]) for i, k in enumerate(d))) / 1e9
-            best = g if best is None or abs(g - gmacs) < abs(best - gmacs) else best
-    return best
+    in_reach = [full for _, params, _, full in depth_layouts(mixer="attention") if abs(params / 1e6 - 33.0) <= 0.3]
+    nearest = min(in_reach, key=lambda g: abs(g / 1e9 - 4.23)) / 1e9
+    assert nearest == pytest.approx(4.07, abs=0.01)
 
 
 @pytest.mark.parametrize("name,mixer", [("DiCo-S-channelSA", ChannelSelfAttention), ("DiCo-S-window", WindowAttention),
@@ -104,3 +89,22 @@ def test_mixer_switches_keep_dico_s_unchanged():
     # the switches default to the released block: DiCo-S's params and MACs are the ones Table 1 prints
     c = count(models.build_meta("DiCo-S"))
     assert (c.trainable_params, round(c.gmacs, 3)) == (33_137_672, 4.249)
+
+
+def test_tiny_attention_study_depths_follow_its_one_rule():
+    # experiments/tiny/dico_attention.yaml: the layout of 1-3 blocks per stage whose params come nearest the toy
+    # DiCo-S's, fewest moves from [2, 1, 1, 1, 2] on a tie
+    from pathlib import Path
+
+    import yaml
+    study = yaml.safe_load((Path(__file__).parents[1] / "experiments/tiny/dico_attention.yaml").read_text())
+    geometry = dict(input_size=16, in_channels=1, num_classes=10)
+    steps = {s["name"]: s["config"]["model"] for s in study["steps"]}
+    base = steps.pop("dico_s")
+    target = count(models.build_meta(base["name"], **base["overrides"], **geometry)).trainable_params
+    assert len(steps) == 5
+    for name, model in steps.items():
+        layouts = depth_layouts(model["name"], 3, **model["overrides"], **geometry)
+        best = min(layouts, key=lambda row: (abs(row[1] - target), sum(
+            abs(k - b) for k, b in zip(row[0], base["overrides"]["depths"], strict=True))))
+        assert list(best[0]) == model["overrides"]["depths"], name

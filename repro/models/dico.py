@@ -325,6 +325,26 @@ PUBLISHED = {
 }
 
 
+def depth_layouts(base: str = "DiCo-S", max_depth: int = 12, **overrides):
+    """Every U-Net layout of 1..max_depth blocks per stage of preset `base` (with `overrides`), as
+    (depths, trainable params, MACs in the papers' convention, full MACs). Params and MACs are affine in the
+    depths, so six counts on the meta device give them all."""
+    import itertools
+
+    from repro import models
+    from repro.metrics.flops import count
+
+    n = len(PRESETS[base]["depths"])
+    probes = [(1,) * n] + [tuple(2 if j == i else 1 for j in range(n)) for i in range(n)]
+    costs = []
+    for d in probes:
+        c = count(models.build_meta(base, **{**overrides, "depths": d}))
+        costs.append((c.trainable_params, c.macs, c.macs + c.source_kernel_macs))
+    unit = [tuple(a - b for a, b in zip(c, costs[0], strict=True)) for c in costs[1:]]
+    for d in itertools.product(range(1, max_depth + 1), repeat=n):
+        yield (d, *(costs[0][j] + sum((k - 1) * u[j] for k, u in zip(d, unit, strict=True)) for j in range(3)))
+
+
 def readjusted_depths(params_m: float, gmacs: float, base: str = "DiCo-S", max_depth: int = 12,
                       **switches) -> tuple[int, ...]:
     """Stage depths for one of Table 5's ‡ rows: one rule, applied to every ‡ row alike.
@@ -333,28 +353,14 @@ def readjusted_depths(params_m: float, gmacs: float, base: str = "DiCo-S", max_d
     all layouts with 1..max_depth blocks per stage, keep those within ±0.3M of the printed params and within 1% of
     the printed GMACs (the papers' counting convention, `Counts.macs`); take the fewest block moves from `base`
     (sum of |Δdepth|, then sum of Δdepth², then the first in lexicographic order). Where no layout meets both, the
-    GMACs condition gives way to the nearest GMACs. Params and MACs are affine in the depths, so six counts on the
-    meta device give every layout.
+    GMACs condition gives way to the nearest GMACs.
     """
-    import itertools
-
-    from repro import models
-    from repro.metrics.flops import count
-
     base_depths = PRESETS[base]["depths"]
-    ones = (1,) * len(base_depths)
-    probes = [ones] + [tuple(2 if j == i else 1 for j in range(len(ones))) for i in range(len(ones))]
-    costs = []
-    for d in probes:
-        c = count(models.build_meta(base, **{**switches, "depths": d}))
-        costs.append((c.trainable_params, c.macs))
-    (p0, m0), unit = costs[0], [(p - costs[0][0], m - costs[0][1]) for p, m in costs[1:]]
     candidates = []
-    for d in itertools.product(range(1, max_depth + 1), repeat=len(ones)):
-        p = p0 + sum((k - 1) * u[0] for k, u in zip(d, unit, strict=True))
-        if abs(p / 1e6 - params_m) > 0.3:
+    for d, params, macs, _ in depth_layouts(base, max_depth, **switches):
+        if abs(params / 1e6 - params_m) > 0.3:
             continue
-        g = (m0 + sum((k - 1) * u[1] for k, u in zip(d, unit, strict=True))) / 1e9
+        g = macs / 1e9
         moves = [abs(k - b) for k, b in zip(d, base_depths, strict=True)]
         candidates.append((abs(g / gmacs - 1) > 0.01, sum(moves), sum(x * x for x in moves), d, abs(g - gmacs)))
     if not candidates:
