@@ -52,6 +52,17 @@ def test_models_both_counting_conventions_for_fused_kernel_families(capsys):
     assert "5.732" in out and "fused kernels" in out
 
 
+def test_models_shows_table5_attention_rows_in_both_conventions(capsys):
+    """The self-attention row's SDPA is what torchprofile 0.0.4 could not see; the other mixers' matmuls it saw."""
+    code, out, _ = _run(capsys, "models", "DiCo-S-attn", "DiCo-S-window", "DiCo-S-agent", "--json")
+    rows = {r["model"]: r for r in json.loads(out)}
+    assert code == 0 and (rows["DiCo-S-attn"]["gmacs"], rows["DiCo-S-attn"]["full_gmacs"]) == (4.254, 6.955)
+    assert rows["DiCo-S-window"]["gmacs"] == rows["DiCo-S-window"]["full_gmacs"] == 4.339
+    assert rows["DiCo-S-agent"]["paper_params_m"] == 33.3 and rows["DiCo-S-agent"]["paper_gmacs"] == 4.24
+    code, out, _ = _run(capsys, "models", "DiCo-S-attn", "DiCo-S-window")
+    assert "6.955" in out and "scaled_dot_product_attention" in out and "paper M" in out
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["models", "--resolution", "300"], "invalid choice: 300"),
     (["models", "DiC-XXL"], "unknown model 'DiC-XXL'"),
