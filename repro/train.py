@@ -31,6 +31,7 @@ from repro.config import (RunConfig, config_hash, dump_run_record, load_run_reco
 from repro.data import LATENT_SCALE, VAE, build_dataset
 from repro.diffusion import create_diffusion
 from repro.errors import ConfigError
+from repro.models.layers import to_memory_format
 from repro.precision import set_tf32, tf32_flags
 
 
@@ -163,7 +164,7 @@ def train(cfg: RunConfig, run_dir: str | Path, progress: bool | None = None,
     spec = model_spec(cfg, tuple(sample_x.shape), num_classes)
     model = models.build(spec["name"], **spec["kwargs"]).to(device)
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    model = to_memory_format(model, t.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # starts as an exact copy
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.betas, eps=1e-8, weight_decay=t.weight_decay,
                             **({"fused": True} if t.fused_adamw else {}))

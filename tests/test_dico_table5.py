@@ -2,7 +2,7 @@
 one rule, and the counting convention that explains the self-attention row."""
 
 import pytest
-from conftest import tiny
+from conftest import randomize_, tiny
 
 from repro import models
 from repro.metrics.flops import count
@@ -108,3 +108,20 @@ def test_tiny_attention_study_depths_follow_its_one_rule():
         best = min(layouts, key=lambda row: (abs(row[1] - target), sum(
             abs(k - b) for k, b in zip(row[0], base["overrides"]["depths"], strict=True))))
         assert list(best[0]) == model["overrides"]["depths"], name
+
+
+def test_channels_last_training_takes_agent_attentions_5d_biases():
+    # Module.to(memory_format=channels_last) raises on Agent Attention's 5-D biases; the trainer converts 4-D only
+    import torch
+
+    from repro.models.layers import to_memory_format
+    model = randomize_(tiny("DiCo-S-agent")).eval()
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([3, 700]), torch.tensor([1, 2])
+    with torch.no_grad():
+        want = model(x, t, y)
+        nhwc = to_memory_format(model, True)
+        got = nhwc(x.contiguous(memory_format=torch.channels_last), t, y)
+    convs = [m.weight for m in nhwc.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert nhwc.enc1[0].mixer.ah_bias.dim() == 5
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -316,7 +316,7 @@ def _repeats_in_fresh_processes(models: dict[str, nn.Module], settings: BenchSet
 
 
 def _time(models: dict[str, nn.Module], settings: BenchSettings) -> tuple[dict, dict, dict, dict]:
-    from repro.models.layers import kernels_used
+    from repro.models.layers import kernels_used, to_memory_format
 
     dev, dtype, n = settings.device, DTYPES[settings.dtype], settings.batch
     kernels: dict[str, list[str]] = {}
@@ -325,7 +325,7 @@ def _time(models: dict[str, nn.Module], settings: BenchSettings) -> tuple[dict, 
     for name, model in models.items():
         model.eval()
         if settings.channels_last:
-            model.to(memory_format=fmt)  # 4-D weights (convolutions) only; linear layers are unchanged
+            to_memory_format(model, True)  # 4-D weights (convolutions) only; linear layers are unchanged
         # the model's own input side: latent models are built at resolution / 8, pixel models at the resolution
         x = torch.randn(n, model.in_channels, model.input_size, model.input_size, device=dev, dtype=dtype)
         t = torch.randint(0, 1000, (n,), device=dev)

@@ -51,6 +51,13 @@ def kernels_used(model: nn.Module) -> list[str]:
     return sorted({m.kernel for m in model.modules() if isinstance(getattr(m, "kernel", None), str)})
 
 
+def to_memory_format(model: nn.Module, channels_last: bool) -> nn.Module:
+    """`model.to(memory_format=...)` for its 4-D tensors only. Module.to also converts 5-D tensors and raises on
+    them for channels_last (Agent Attention's position biases are 5-D); only convolution weights need NHWC."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return model._apply(lambda t: t.contiguous(memory_format=fmt) if t.dim() == 4 else t)
+
+
 def timestep_embedding(t: torch.Tensor, dim: int = FREQ_DIM, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps, laid out [cos, sin] as in DiT."""
     half = dim // 2
