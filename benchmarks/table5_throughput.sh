@@ -7,16 +7,11 @@
 # Usage: benchmarks/table5_throughput.sh DEVICE BATCH [-- extra repro bench options]
 #   CPU (this machine):  benchmarks/table5_throughput.sh cpu 8 -- --warmup 1 --iters 3 --repeats 3 --cpu-threads 1
 #   GPU:                 benchmarks/table5_throughput.sh cuda 64
-# Output: benchmarks/results/table5-throughput-<device>-256-b<batch>-fp32-math-<host>.{json,txt}
+# Output: benchmarks/results/table5-throughput-math-<device>-256-b<batch>-fp32-<host>.{json,txt}
 set -euo pipefail
 cd "$(dirname "$0")/.."
 device=$1 batch=$2; shift 2
 if [[ $# -gt 0 && $1 == -- ]]; then shift; fi
-repro=${REPRO:-.venv/bin/repro}
-flags=strict_fp32
-[[ $device == cuda* ]] && flags=torch_default
-stem="benchmarks/results/table5-throughput-${device%%:*}-256-b${batch}-fp32-math-$(hostname -s)"
 rows="DiCo-S,DiCo-S-relu,DiCo-S-dw5,DiCo-S-dw7,DiCo-S-noCCA,DiCo-S-SE,DiCo-S-channelSA,DiCo-S-attn,DiCo-S-window"
-rows="$rows,DiCo-S-focused,DiCo-S-agent"
-"$repro" bench --models "$rows" --resolution 256 --batch "$batch" --device "$device" --dtype fp32 \
-    --flags "$flags" --attention math --out "$stem.json" "$@" | tee "$stem.txt"
+MODELS="$rows,DiCo-S-focused,DiCo-S-agent" NAME=table5-throughput-math \
+    benchmarks/throughput_comparison.sh "$device" "$batch" -- --attention math "$@"

@@ -16,6 +16,8 @@ if [[ $# -gt 0 && $1 == -- ]]; then shift; fi
 repro=${REPRO:-.venv/bin/repro}
 flags=strict_fp32
 [[ $device == cuda* ]] && flags=torch_default
-stem="benchmarks/results/throughput-comparison-${device%%:*}-256-b${batch}-fp32-$(hostname -s)"
-"$repro" bench --models "DiT-XL/2,DiC-XL,DiCo-XL,DiG-XL/2,PixArt-α-XL/2,DiffiT-XL/2" --resolution 256 \
+# MODELS and NAME let another comparison reuse this script (benchmarks/table5_throughput.sh)
+models=${MODELS:-"DiT-XL/2,DiC-XL,DiCo-XL,DiG-XL/2,PixArt-α-XL/2,DiffiT-XL/2"}
+stem="benchmarks/results/${NAME:-throughput-comparison}-${device%%:*}-256-b${batch}-fp32-$(hostname -s)"
+"$repro" bench --models "$models" --resolution 256 \
     --batch "$batch" --device "$device" --dtype fp32 --flags "$flags" --out "$stem.json" "$@" | tee "$stem.txt"
