@@ -111,6 +111,16 @@ class DataConfig:
         check_text(self.path, "path")
         check_text(self.vae, "vae")
 
+    def model_input(self) -> tuple[tuple[int, int, int], int]:
+        """(C, H, W) and class count of the model's input, from this config alone (no data is read): what the
+        trainer will find in the data. Latents, stored or encoded on the fly, are sd-vae-ft-ema's: 4 channels, 8x
+        smaller."""
+        if self.kind == "fashion_mnist":
+            return (1, self.resolution, self.resolution), 10
+        if self.kind == "latents" or self.vae:
+            return (4, self.resolution // 8, self.resolution // 8), 1000
+        return (3, self.resolution, self.resolution), 1000
+
 
 @dataclass(frozen=True)
 class TrainConfig:

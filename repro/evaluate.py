@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from repro import rundir
-from repro.config import (EVALUATOR_VERSION, METRICS, BenchConfig, EvalConfig, RunConfig, SampleConfig, current_eval,
+from repro.config import (EVALUATOR_VERSION, METRICS, BenchConfig, EvalConfig, SampleConfig, current_eval,
                           protocol_id, sample_stems)
 from repro.errors import ConfigError
 from repro.metrics import extractors as ex
@@ -226,16 +226,6 @@ def evaluate_run(run_dir: Path, sample: SampleConfig, cfg: EvalConfig, cache: Pa
 
 
 # ---------------------------------------------------------------------------------------------- bench stage
-def data_geometry(cfg: RunConfig) -> tuple[tuple[int, int, int], int]:
-    """(C, H, W) and class count of the model's input, from the data config alone (no data is read)."""
-    d = cfg.data
-    if d.kind == "fashion_mnist":
-        return (1, d.resolution, d.resolution), 10
-    if d.kind == "latents":
-        return (4, d.resolution // 8, d.resolution // 8), 1000
-    return (3, d.resolution, d.resolution), 1000
-
-
 def bench_baseline(runs: list[Run]) -> Run:
     """The run every ratio is to: the study's first DiT run, else its first run."""
     return next((r for r in runs if r.config.model.name.startswith("DiT") or r.label.startswith("DiT")), runs[0])
@@ -264,8 +254,7 @@ def bench_study(root: Path, study: str, runs: list[Run], bench: BenchConfig, alo
     device = "cuda" if torch.cuda.is_available() else "cpu"
     specs, timed, first, built = {}, {}, {}, {}
     for r in runs:
-        shape, classes = data_geometry(r.config)
-        specs[r.id] = model_spec(r.config, shape, classes)
+        specs[r.id] = model_spec(r.config, *r.config.data.model_input())
         key = json.dumps(specs[r.id], sort_keys=True, default=str)
         timed[r.id] = first.setdefault(key, r.id)  # the run whose model is timed for this one
     resolutions = {r.config.data.resolution for r in runs}

@@ -17,16 +17,10 @@ from repro.yamlio import Where
 
 
 def data_geometry(cfg: RunConfig) -> dict:
-    """in_channels and input_size that the run's data implies (what `train.model_spec` will set), where the config
-    alone tells them; an override the config sets itself stays (the trainer refuses a contradiction)."""
-    d = cfg.data
-    if d.kind == "fashion_mnist":
-        channels, size = 1, d.resolution
-    elif d.kind == "latents" or d.vae:          # sd-vae-ft-ema: 4 channels, 8x smaller
-        channels, size = 4, d.resolution // 8
-    else:
-        channels, size = 3, d.resolution
-    implied = {"in_channels": channels, "input_size": size}
+    """The build arguments the run's data implies (what `train.model_spec` sets), less those the config overrides
+    itself (the trainer refuses a contradiction)."""
+    (channels, size, _), classes = cfg.data.model_input()
+    implied = {"in_channels": channels, "input_size": size, "num_classes": classes}
     return {k: v for k, v in implied.items() if k not in cfg.model.overrides}
 
 

@@ -63,3 +63,12 @@ def test_missing_file(tmp_path):
 def test_hash_is_stable_and_content_based():
     assert config_hash(RunConfig()) == config_hash(RunConfig())
     assert len(config_hash(RunConfig())) == 12
+
+
+def test_data_config_names_the_model_input_without_reading_data():
+    # one answer for the plan's model checks and the bench stage; on-the-fly VAE encoding gives latents too
+    from repro.config import DataConfig
+    assert DataConfig(kind="fashion_mnist", resolution=16).model_input() == ((1, 16, 16), 10)
+    assert DataConfig(kind="latents", resolution=256).model_input() == ((4, 32, 32), 1000)
+    assert DataConfig(kind="imagenet_folder", resolution=256, vae="w/vae").model_input() == ((4, 32, 32), 1000)
+    assert DataConfig(kind="imagenet_folder", resolution=64).model_input() == ((3, 64, 64), 1000)

@@ -22,12 +22,12 @@ _SOURCE_KERNEL: ContextVar[str | None] = ContextVar("repro_source_kernel", defau
 
 
 @contextlib.contextmanager
-def source_kernel(name: str):
+def source_kernel(name: str | None):
     """Marks ops that the family's own code runs inside one fused kernel (a Triton or CUDA extension behind a
     custom autograd Function: flash-linear-attention, mamba_ssm). torchprofile, with which the papers count,
     records such a call as one opaque node of 0 MACs, so their printed GFLOPs leave these ops out;
     `repro.metrics.flops.count` files them apart, and both conventions are reported. Nested regions belong to
-    the outermost one (one kernel call)."""
+    the outermost one (one kernel call); None marks nothing (a source that ran these ops in the open)."""
     token = _SOURCE_KERNEL.set(_SOURCE_KERNEL.get() or name)
     try:
         yield
@@ -257,7 +257,7 @@ class Attention(nn.Module):
         n, length, dim = x.shape
         qkv = self.qkv(x).reshape(n, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)                                               # (N, heads, T, head_dim)
-        with source_kernel(self.sdpa_unseen) if self.sdpa_unseen else contextlib.nullcontext():
+        with source_kernel(self.sdpa_unseen):
             x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(n, length, dim))           # (N, T, D)
 
